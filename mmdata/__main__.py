@@ -1,0 +1,3 @@
+from mmdata.cli.main import main
+
+main()

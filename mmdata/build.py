@@ -1,0 +1,45 @@
+"""The build driver: plan → engine maps run_unit → finalize."""
+from __future__ import annotations
+
+import sys
+import time
+
+from tqdm import tqdm
+
+from mmdata.config import BuildConfig
+from mmdata.engines.base import get_engine
+from mmdata.finalize import finalize
+from mmdata.plan import check_input, make_or_load_plan
+from mmdata.storage import OutputDir
+
+
+def build(config: BuildConfig) -> dict:
+    """Run a whole build and return its manifest. Raises UserError for problems the user must fix."""
+    started = time.perf_counter()
+    check_input(config.input)
+    out = OutputDir(config.out)
+    out.ensure_writable()
+    if config.overwrite:
+        for folder in ("shards", "embeddings", "index"):
+            out.remove(folder)
+        out.makedirs("shards")
+    units, resumed = make_or_load_plan(config, out)
+    total = sum(len(u.records) for u in units)
+    if resumed and config.progress:
+        print(f"resuming {out.url}: plan of {total} records in {len(units)} units (--overwrite to re-plan)", file=sys.stderr)
+    engine = get_engine(config)
+    bar = tqdm(total=total, unit="sample", disable=not config.progress, dynamic_ncols=True, desc="build")
+
+    written = [0]
+
+    def on_done(stats: dict) -> None:
+        written[0] += stats["counts"]["written"]
+        bar.set_postfix(written=written[0], refresh=False)
+        bar.update(stats["counts"]["inputs"])
+
+    try:
+        engine.map_units(config, units, on_done)
+    finally:
+        bar.close()
+        engine.close()
+    return finalize(config, out, units, time.perf_counter() - started)

@@ -1,0 +1,111 @@
+"""The ``mmdata`` command line. Every problem the user must fix prints one line and exits 2."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from mmdata.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Turn raw multimodal corpora into training-ready WebDataset shards, metadata, embeddings and indexes.")
+
+
+def fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def build(
+    input: Optional[str] = typer.Option(None, "--input", "-i", help="folder or manifest (.parquet/.csv/.tsv/.jsonl); any fsspec URL"),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="output folder; any fsspec URL"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file with any of these options"),
+    engine: Optional[str] = typer.Option(None, help="local (default), dask or beam"),
+    workers: Optional[int] = typer.Option(None, help="worker processes (default: cores)"),
+    samples_per_shard: Optional[int] = typer.Option(None, help="records per work unit / shard (default 1000)"),
+    image_size: Optional[int] = typer.Option(None, help="target size in pixels (default 256)"),
+    resize_mode: Optional[str] = typer.Option(None, help="no | keep_ratio | center_crop | border"),
+    resize_only_if_bigger: Optional[bool] = typer.Option(None, "--resize-only-if-bigger/--resize-always"),
+    image_format: Optional[str] = typer.Option(None, help="jpg | png | webp"),
+    image_quality: Optional[int] = typer.Option(None, help="jpg/webp quality 1-100 (default 95)"),
+    min_image_size: Optional[int] = typer.Option(None, help="filter images whose smaller side is below this"),
+    max_aspect_ratio: Optional[float] = typer.Option(None, help="filter images more elongated than this"),
+    max_pixels: Optional[int] = typer.Option(None, help="filter images whose header claims more pixels"),
+    require: Optional[str] = typer.Option(None, help="comma-separated modalities a record must have (default image,text)"),
+    image_col: Optional[str] = typer.Option(None, help="manifest column with image paths/URLs (default image)"),
+    text_col: Optional[str] = typer.Option(None, help="manifest column with captions (default caption)"),
+    key_col: Optional[str] = typer.Option(None, help="manifest column with sample keys (default: from the image path)"),
+    tokenize: Optional[bool] = typer.Option(None, "--tokenize/--no-tokenize", help="write {key}.tokens.npy"),
+    tokenizer: Optional[str] = typer.Option(None, help="open_clip model whose tokenizer to use (default ViT-B-32)"),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="rebuild from scratch instead of resuming"),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress"),
+) -> None:
+    """Build WebDataset shards (and their tables) from a corpus."""
+    from mmdata.build import build as run_build
+    from mmdata.config import load_config
+
+    overrides = {k: v for k, v in locals().items() if k not in ("config", "run_build", "load_config")}
+    try:
+        cfg = load_config(str(config) if config else None, **overrides)
+        manifest = run_build(cfg)
+    except UserError as err:
+        fail(str(err))
+    print_summary(manifest, cfg.out)
+
+
+def print_summary(manifest: dict, out: str) -> None:
+    c = manifest["counts"]
+    typer.echo(f"{c['inputs']} records: {c['written']} written, {c['filtered']} filtered, {c['failed']} failed "
+               f"in {manifest['timings']['wall_seconds']:.1f} s ({manifest['timings']['samples_per_second']:.1f} samples/s)")
+    for status in ("filtered", "failed"):
+        for reason, n in sorted(manifest["reasons"][status].items(), key=lambda kv: -kv[1]):
+            typer.echo(f"  {status:8s} {n:6d}  {reason}")
+    typer.echo(f"output: {out}  ({manifest['units']} shards in {out.rstrip('/')}/shards)")
+
+
+@app.command()
+def inspect(shard: str = typer.Argument(..., help="a .tar shard (any fsspec URL)"),
+            as_json: bool = typer.Option(False, "--json", help="one JSON object per sample")) -> None:
+    """List the samples of a shard and their members."""
+    from mmdata.inspect_shard import describe_shard
+
+    try:
+        samples = describe_shard(shard)
+    except (OSError, EOFError) as exc:
+        fail(f"cannot read {shard}: {exc}")
+    except Exception as exc:  # tarfile.ReadError and friends: not a tar at all
+        if type(exc).__module__ != "tarfile":
+            raise
+        fail(f"{shard} is not a tar file: {exc}")
+    for s in samples:
+        if as_json:
+            typer.echo(json.dumps(s))
+        else:
+            typer.echo(f"{s['key']}  " + "  ".join(f"{ext}:{size}" for ext, size in sorted(s["members"].items())))
+    if not as_json:
+        typer.echo(f"{len(samples)} samples")
+
+
+@app.command()
+def verify(out: str = typer.Argument(..., help="a build's output folder")) -> None:
+    """Re-read every shard; check counts against sizes.json and the tables. Exit 1 on any mismatch."""
+    from mmdata.verify import verify_output
+
+    problems = verify_output(out)
+    for p in problems:
+        typer.echo(f"MISMATCH {p}", err=True)
+    if problems:
+        raise typer.Exit(1)
+    typer.echo(f"{out}: ok")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""The build configuration: one pydantic model, filled from defaults < YAML file < CLI flags.
+
+``config_hash`` covers only the fields that change the output, so a resumed run with another
+worker count or engine still recognises its committed shards.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from mmdata.errors import UserError
+
+MODALITIES = ("image", "text", "audio")
+
+# Fields that decide *where* or *how fast* the job runs, not *what* it writes.
+RUNTIME_FIELDS = frozenset({"out", "workers", "engine", "overwrite", "progress", "dask_address", "beam_options"})
+
+
+class BuildConfig(BaseModel):
+    """Everything ``mmdata build`` needs. Every field is also a CLI flag (``image_size`` → ``--image-size``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: str = Field(description="folder or manifest (parquet/csv/tsv/jsonl), any fsspec URL")
+    out: str = Field(description="output folder, any fsspec URL")
+    # scheduling
+    engine: Literal["local", "dask", "beam"] = "local"
+    workers: Optional[int] = Field(None, ge=1, description="worker processes (default: cores)")
+    overwrite: bool = False
+    progress: bool = True
+    dask_address: Optional[str] = None
+    beam_options: list[str] = Field(default_factory=list)
+    # plan
+    samples_per_shard: int = Field(1000, ge=1, le=1_000_000)
+    image_col: str = "image"
+    text_col: str = "caption"
+    key_col: Optional[str] = None
+    require: list[Literal["image", "text", "audio"]] = Field(default_factory=lambda: ["image", "text"])
+    # image
+    image_size: int = Field(256, ge=8, le=16384)
+    resize_mode: Literal["no", "keep_ratio", "center_crop", "border"] = "keep_ratio"
+    resize_only_if_bigger: bool = False
+    image_format: Literal["jpg", "png", "webp"] = "jpg"
+    image_quality: int = Field(95, ge=1, le=100)
+    min_image_size: int = Field(0, ge=0, description="filter images whose smaller side is below this")
+    max_aspect_ratio: Optional[float] = Field(None, ge=1.0)
+    max_pixels: int = Field(100_000_000, ge=1, description="decompression-bomb guard, checked on the header")
+    # text
+    min_caption_chars: int = Field(1, ge=0)
+    max_caption_chars: int = Field(4096, ge=1, description="longer captions are truncated (recorded)")
+    tokenize: bool = False
+    tokenizer: str = Field("ViT-B-32", description="open_clip model whose tokenizer writes {key}.tokens.npy")
+
+    @field_validator("require", mode="before")
+    @classmethod
+    def _split_require(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    def content_dict(self) -> dict:
+        """The fields that determine the output bytes."""
+        return {k: v for k, v in self.model_dump(mode="json").items() if k not in RUNTIME_FIELDS}
+
+    @property
+    def config_hash(self) -> str:
+        blob = json.dumps(self.content_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @property
+    def n_workers(self) -> int:
+        return self.workers or os.cpu_count() or 1
+
+
+def _describe(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "config"
+        parts.append(f"{field}: {e['msg']}")
+    return "; ".join(parts)
+
+
+def load_config(path: Optional[str] = None, **overrides: Any) -> BuildConfig:
+    """Merge defaults < YAML file at ``path`` < ``overrides`` (``None`` values ignored) and validate."""
+    values: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                loaded = yaml.safe_load(fh) or {}
+        except OSError as exc:
+            raise UserError(f"cannot read config {path}: {exc.strerror or exc}") from None
+        except yaml.YAMLError as exc:
+            raise UserError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise UserError(f"config {path} must be a mapping of field: value")
+        values.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return BuildConfig(**values)
+    except ValidationError as exc:
+        raise UserError(f"bad config: {_describe(exc)}") from None

@@ -1,0 +1,45 @@
+"""The local engine: a process pool on this machine (the default)."""
+from __future__ import annotations
+
+import multiprocessing
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from typing import Callable
+
+from mmdata.config import BuildConfig
+from mmdata.records import Unit
+from mmdata.unit import run_unit
+
+
+class LocalEngine:
+    """``--workers 1`` runs units in this process; more use a spawn-context process pool.
+
+    At most two units per worker are in flight, so a huge plan does not pickle every unit at once.
+    """
+
+    def __init__(self, config: BuildConfig):
+        self.workers = config.n_workers
+        self.pool = None
+
+    def map_units(self, config: BuildConfig, units: list[Unit], on_done: Callable[[dict], None]) -> list[dict]:
+        if self.workers == 1 or len(units) <= 1:
+            results = []
+            for unit in units:
+                results.append(run_unit(config, unit))
+                on_done(results[-1])
+            return results
+        ctx = multiprocessing.get_context("spawn")
+        self.pool = ProcessPoolExecutor(max_workers=min(self.workers, len(units)), mp_context=ctx)
+        results, pending, queue = [], set(), list(reversed(units))
+        while queue or pending:
+            while queue and len(pending) < 2 * self.workers:
+                pending.add(self.pool.submit(run_unit, config, queue.pop()))
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                results.append(fut.result())
+                on_done(results[-1])
+        return results
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None

@@ -1,0 +1,132 @@
+"""Plan: list the inputs, group them into records, sort by key and cut into work units.
+
+The plan is saved as ``plan.parquet`` before any unit runs, so a resumed run processes exactly
+the same units whatever happened to the listing since.
+"""
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mmdata.config import BuildConfig
+from mmdata.errors import UserError
+from mmdata.keys import key_to_id, unique_keys
+from mmdata.records import Record, Unit
+from mmdata.schema import PLAN_SCHEMA
+from mmdata.sources.folder import list_folder
+from mmdata.sources.manifest import manifest_format, read_manifest
+from mmdata.storage import OutputDir
+
+PLAN_FILE = "plan.parquet"
+
+
+def _dedupe(raws: list[str]) -> list[str]:
+    """Make repeated raw keys distinct by their occurrence number (manifest order)."""
+    seen: Counter = Counter()
+    out = []
+    for raw in raws:
+        out.append(raw if seen[raw] == 0 else f"{raw}#{seen[raw]}")
+        seen[raw] += 1
+    return out
+
+
+def check_input(url: str) -> None:
+    """A clear UserError when the input cannot be reached."""
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        found = fs.exists(path)
+    except (ImportError, ValueError) as exc:
+        raise UserError(f"input {url}: {exc}") from None
+    if not found:
+        raise UserError(f"input {url} does not exist")
+
+
+def list_records(config: BuildConfig) -> list[Record]:
+    """All records of the input, sorted by key."""
+    check_input(config.input)
+    fs, path = fsspec.core.url_to_fs(config.input)
+    fmt = manifest_format(config.input)
+    if fmt and fs.isfile(path):
+        rows = read_manifest(config.input, config.image_col, config.text_col, config.key_col)
+        keys = unique_keys(_dedupe([r[0] for r in rows]))
+        records = [Record(k, key_to_id(k), sources=s, caption=c, meta=m) for k, (_, s, c, m) in zip(keys, rows)]
+    elif fs.isdir(path):
+        groups = list_folder(config.input, exclude=config.out)
+        keys = unique_keys([g[0] for g in groups])
+        records = [
+            Record(k, key_to_id(k), sources=s, warnings=w, problem=p) for k, (_, s, w, p) in zip(keys, groups)
+        ]
+    else:
+        raise UserError(f"input {config.input} is neither a folder nor a manifest (.parquet .csv .tsv .jsonl)")
+    if not records:
+        raise UserError(f"input {config.input} holds no records (empty folder or manifest)")
+    records.sort(key=lambda r: r.key)
+    return records
+
+
+def cut_units(records: list[Record], samples_per_shard: int) -> list[Unit]:
+    return [Unit(i, records[s : s + samples_per_shard]) for i, s in enumerate(range(0, len(records), samples_per_shard))]
+
+
+def plan_table(units: list[Unit], config_hash: str) -> pa.Table:
+    rows = [
+        {
+            "unit": u.index,
+            "key": r.key,
+            "id": r.id,
+            "sources": json.dumps(r.sources, sort_keys=True),
+            "caption": r.caption,
+            "meta": json.dumps(r.meta, sort_keys=True, default=str),
+            "problem": r.problem,
+            "warnings": r.warnings,
+        }
+        for u in units
+        for r in u.records
+    ]
+    table = pa.Table.from_pylist(rows, schema=PLAN_SCHEMA)
+    return table.replace_schema_metadata({"config_hash": config_hash})
+
+
+def save_plan(out: OutputDir, units: list[Unit], config_hash: str) -> None:
+    buf = io.BytesIO()
+    pq.write_table(plan_table(units, config_hash), buf)
+    out.write_bytes(PLAN_FILE, buf.getvalue())
+
+
+def load_plan(out: OutputDir) -> tuple[list[Unit], str]:
+    """The saved units and the config hash they were planned with."""
+    table = pq.read_table(io.BytesIO(out.read_bytes(PLAN_FILE)))
+    config_hash = (table.schema.metadata or {}).get(b"config_hash", b"").decode()
+    by_unit: dict[int, list[Record]] = {}
+    for row in table.to_pylist():
+        rec = Record(
+            key=row["key"],
+            id=row["id"],
+            sources=json.loads(row["sources"]),
+            caption=row["caption"],
+            meta=json.loads(row["meta"]),
+            problem=row["problem"],
+            warnings=list(row["warnings"] or []),
+        )
+        by_unit.setdefault(row["unit"], []).append(rec)
+    return [Unit(i, by_unit[i]) for i in sorted(by_unit)], config_hash
+
+
+def make_or_load_plan(config: BuildConfig, out: OutputDir) -> tuple[list[Unit], bool]:
+    """Units for this build: the saved plan when resuming, else a fresh one (saved). Returns (units, resumed)."""
+    if out.exists(PLAN_FILE) and not config.overwrite:
+        units, planned_hash = load_plan(out)
+        if planned_hash != config.config_hash:
+            raise UserError(
+                f"{out.url} was built with another configuration (hash {planned_hash}, now "
+                f"{config.config_hash}); pass --overwrite to rebuild it or choose another --out"
+            )
+        return units, True
+    units = cut_units(list_records(config), config.samples_per_shard)
+    save_plan(out, units, config.config_hash)
+    return units, False

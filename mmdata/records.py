@@ -1,0 +1,56 @@
+"""Records and work units: what a plan is made of.
+
+A record is one input sample before processing: its key and id, the source file of each
+modality, an inline caption (manifests) and extra metadata. ``problem`` carries a reason found
+while planning (an ambiguous pair, an unsupported file) so the record still reaches the unit and is
+counted there.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+IMAGE_EXTS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"})
+AUDIO_EXTS = frozenset({"wav", "flac", "ogg", "oga", "opus", "mp3", "aiff", "aif", "m4a", "aac", "wma"})
+TRANSCRIPT_EXTS = frozenset({"srt", "vtt"})
+TEXT_EXTS = frozenset({"txt"})
+META_EXTS = frozenset({"json"})
+
+
+def modality_of(ext: str) -> Optional[str]:
+    """The source slot a file extension fills (``image``, ``text``, ``json``, ``audio``, ``transcript``)."""
+    ext = ext.lower()
+    if ext in IMAGE_EXTS:
+        return "image"
+    if ext in TEXT_EXTS:
+        return "text"
+    if ext in META_EXTS:
+        return "json"
+    if ext in AUDIO_EXTS:
+        return "audio"
+    if ext in TRANSCRIPT_EXTS:
+        return "transcript"
+    return None
+
+
+@dataclass
+class Record:
+    key: str
+    id: int
+    sources: dict[str, str] = field(default_factory=dict)
+    caption: Optional[str] = None
+    meta: dict = field(default_factory=dict)
+    problem: Optional[str] = None
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Unit:
+    """One work unit: becomes shard ``index``."""
+
+    index: int
+    records: list[Record]
+
+    @property
+    def name(self) -> str:
+        return f"{self.index:05d}"

@@ -1,0 +1,52 @@
+"""Arrow schemas of the tables mmdata writes. ``schemas/*.json`` mirror them for users; a test
+keeps the two in sync."""
+from __future__ import annotations
+
+import pyarrow as pa
+
+PLAN_SCHEMA = pa.schema(
+    [
+        pa.field("unit", pa.int32(), nullable=False),
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("id", pa.int64(), nullable=False),
+        pa.field("sources", pa.string(), nullable=False),
+        pa.field("caption", pa.string()),
+        pa.field("meta", pa.string(), nullable=False),
+        pa.field("problem", pa.string()),
+        pa.field("warnings", pa.list_(pa.string()), nullable=False),
+    ]
+)
+
+SHARD_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("id", pa.int64(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("reason", pa.string()),
+        pa.field("warnings", pa.list_(pa.string()), nullable=False),
+        pa.field("row", pa.int32()),
+        pa.field("source_image", pa.string()),
+        pa.field("source_text", pa.string()),
+        pa.field("source_json", pa.string()),
+        pa.field("source_bytes", pa.int64(), nullable=False),
+        pa.field("image_sha256", pa.string()),
+        pa.field("text_sha256", pa.string()),
+        pa.field("source_format", pa.string()),
+        pa.field("orig_width", pa.int32()),
+        pa.field("orig_height", pa.int32()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("image_format", pa.string()),
+        pa.field("image_bytes", pa.int64()),
+        pa.field("reencoded", pa.bool_()),
+        pa.field("caption", pa.string()),
+        pa.field("meta", pa.string()),
+    ]
+)
+
+SCHEMAS = {"plan_table": PLAN_SCHEMA, "shard_table": SHARD_SCHEMA}
+
+
+def schema_to_json(schema: pa.Schema) -> list[dict]:
+    """A plain description of ``schema``: name, arrow type, nullable."""
+    return [{"name": f.name, "type": str(f.type), "nullable": f.nullable} for f in schema]

@@ -1,0 +1,57 @@
+"""A folder source: files grouped into records by relative stem (``a/cat.jpg`` + ``a/cat.txt``)."""
+from __future__ import annotations
+
+import posixpath
+from collections import defaultdict
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from mmdata.records import modality_of
+
+
+def _is_hidden(rel: str) -> bool:
+    return any(part.startswith(".") for part in rel.split("/"))
+
+
+def list_folder(url: str, exclude: str | None = None) -> list[tuple[str, dict, list[str], str | None]]:
+    """Group the files under ``url`` into ``(stem, sources, warnings, problem)`` tuples, sorted by stem.
+
+    Hidden files and folders (a leading dot) are skipped, as is ``exclude`` (the build's own output
+    when it lies inside the input). A stem with two files of one modality (``cat.jpg`` and
+    ``cat.png``) gets the problem ``ambiguous:<modality>``; one made only of unsupported files gets
+    ``unsupported:<ext>``; unsupported files beside supported ones are recorded as warnings.
+    """
+    fs, root = fsspec.core.url_to_fs(url)
+    root = root.rstrip("/")
+    local = isinstance(fs, LocalFileSystem)
+    excl = None
+    if exclude:
+        _, excl = fsspec.core.url_to_fs(exclude)
+        excl = excl.rstrip("/") + "/"
+    groups: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for path in sorted(fs.find(root, detail=False)):
+        rel = path[len(root) + 1:] if path.startswith(root + "/") else posixpath.basename(path)
+        if _is_hidden(rel) or (excl and (path + "/").startswith(excl)):
+            continue
+        stem, ext = posixpath.splitext(rel)
+        ext = ext[1:].lower()
+        full = path if local else fs.unstrip_protocol(path)
+        groups[stem][modality_of(ext) or f"other:{ext or 'none'}"].append(full)
+    out = []
+    for stem in sorted(groups):
+        slots = groups[stem]
+        sources, warnings, problem = {}, [], None
+        for slot, files in sorted(slots.items()):
+            if slot.startswith("other:"):
+                warnings.extend(f"ignored:{posixpath.basename(f)}" for f in files)
+                continue
+            if len(files) > 1:
+                problem = problem or f"ambiguous:{slot}"
+                warnings.extend(f"ambiguous:{posixpath.basename(f)}" for f in files)
+            sources[slot] = files[0]
+        if not sources:
+            problem = "unsupported:" + ",".join(sorted(s.split(":", 1)[1] for s in slots))
+            warnings = []
+        out.append((stem, sources, warnings, problem))
+    return out

@@ -1,0 +1,118 @@
+"""One fsspec I/O layer: reading sources and committing outputs atomically.
+
+Local outputs are written to a temporary name in the same folder, fsynced and renamed, so a killed
+run never leaves a half-written file under its final name. Object stores commit a whole object on
+upload, so remote outputs are staged in a local temporary file and uploaded in one put.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import tempfile
+import uuid
+from typing import BinaryIO, Iterator
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from mmdata.errors import UserError
+
+
+def read_bytes(url: str) -> bytes:
+    """Read a whole source file (local path or fsspec URL). Raises OSError subclasses on failure."""
+    if "://" not in url:
+        with open(url, "rb") as fh:
+            return fh.read()
+    with fsspec.open(url, "rb") as fh:
+        return fh.read()
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class OutputDir:
+    """The output folder of a build, on any fsspec filesystem."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.fs, self.root = fsspec.core.url_to_fs(url)
+        self.local = isinstance(self.fs, LocalFileSystem)
+
+    def path(self, rel: str) -> str:
+        return posixpath.join(self.root, rel)
+
+    def ensure_writable(self) -> None:
+        """Create the folder and prove we can write there; a clear UserError otherwise."""
+        probe = self.path(f".mmdata-probe-{uuid.uuid4().hex}")
+        try:
+            self.fs.makedirs(self.path("shards"), exist_ok=True)
+            self.fs.pipe_file(probe, b"")
+            self.fs.rm_file(probe)
+        except (OSError, PermissionError) as exc:
+            raise UserError(f"output {self.url} is not writable: {getattr(exc, 'strerror', None) or exc}") from None
+
+    def makedirs(self, rel: str) -> None:
+        self.fs.makedirs(self.path(rel), exist_ok=True)
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.path(rel))
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.fs.cat_file(self.path(rel))
+
+    def glob(self, pattern: str) -> list[str]:
+        """Relative paths matching ``pattern`` (relative to the root), sorted."""
+        found = self.fs.glob(self.path(pattern))
+        prefix = self.root.rstrip("/") + "/"
+        return sorted(p[len(prefix):] if p.startswith(prefix) else p for p in found)
+
+    def remove(self, rel: str) -> None:
+        if self.fs.exists(self.path(rel)):
+            self.fs.rm(self.path(rel), recursive=True)
+
+    @contextlib.contextmanager
+    def atomic_open(self, rel: str) -> Iterator[BinaryIO]:
+        """A binary file that appears under ``rel`` only if the block completes."""
+        final = self.path(rel)
+        folder = posixpath.dirname(final)
+        if self.local:
+            os.makedirs(folder, exist_ok=True)
+            tmp = f"{final}.tmp-{uuid.uuid4().hex[:12]}"
+            try:
+                with open(tmp, "wb") as fh:
+                    yield fh
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, final)
+                _fsync_dir(folder)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            return
+        with tempfile.NamedTemporaryFile(suffix=".mmdata") as fh:
+            yield fh
+            fh.flush()
+            self.fs.makedirs(folder, exist_ok=True)
+            self.fs.put_file(fh.name, final)
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        with self.atomic_open(rel) as fh:
+            fh.write(data)
+
+    def clean_temporaries(self) -> int:
+        """Remove temporary files left by killed runs; returns how many."""
+        stale = self.glob("**/*.tmp-*") if self.local else []
+        for rel in stale:
+            self.remove(rel)
+        return len(stale)

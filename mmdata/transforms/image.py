@@ -1,0 +1,171 @@
+"""Image transform: decode → guard → orient → RGB → resize → encode, with Pillow.
+
+The decompression-bomb guard reads only the header. Large JPEG downscales use the decoder's DCT
+scaling (``Image.draft``), the main speed lever. Unchanged images whose format already matches the
+output keep their original bytes.
+"""
+from __future__ import annotations
+
+import io
+import math
+import struct
+import warnings
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from mmdata.errors import SampleFailed, SampleFiltered
+
+# We enforce our own pixel limit on the header (max_pixels); Pillow's warning would only be noise.
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+PIL_FORMAT = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+_ORIENTATION = 0x0112
+_SWAPS_AXES = {5, 6, 7, 8}
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    size: int = 256
+    resize_mode: Literal["no", "keep_ratio", "center_crop", "border"] = "keep_ratio"
+    only_if_bigger: bool = False
+    fmt: Literal["jpg", "png", "webp"] = "jpg"
+    quality: int = 95
+    min_side: int = 0
+    max_aspect_ratio: Optional[float] = None
+    max_pixels: int = 100_000_000
+
+
+@dataclass
+class ImageResult:
+    data: bytes
+    ext: str
+    orig_width: int
+    orig_height: int
+    width: int
+    height: int
+    source_format: str
+    reencoded: bool
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        value = im.getexif().get(_ORIENTATION, 1)
+    except _DECODE_ERRORS:
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB; transparency is composited on white."""
+    if im.mode == "RGB" and "transparency" not in im.info:
+        return im
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = float(arr.max()) if arr.size else 0.0
+        if im.mode == "F" and top <= 1.0:
+            arr = arr * 255.0
+        elif top > 255.0:
+            arr = arr / 257.0
+        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L").convert("RGB")
+    return im.convert("RGB")
+
+
+def geometry(width: int, height: int, opts: ImageOptions) -> tuple[float, tuple[int, int], tuple[int, int]]:
+    """(scale, resized size, output size) for an image displayed at ``width`` × ``height``.
+
+    The output size differs from the resized one for ``center_crop`` and ``border`` (a square).
+    With ``only_if_bigger``, an image already small enough is left as it is.
+    """
+    if opts.resize_mode == "no":
+        return 1.0, (width, height), (width, height)
+    side = max(width, height) if opts.resize_mode == "border" else min(width, height)
+    scale = opts.size / side
+    if opts.only_if_bigger and scale >= 1.0:
+        return 1.0, (width, height), (width, height)
+    resized = (max(1, round(width * scale)), max(1, round(height * scale)))
+    square = opts.resize_mode in ("center_crop", "border")
+    return scale, resized, (opts.size, opts.size) if square else resized
+
+
+class ImageTransform:
+    """Callable on the raw bytes of one image; raises SampleFailed / SampleFiltered."""
+
+    def __init__(self, opts: ImageOptions):
+        self.opts = opts
+
+    def __call__(self, data: bytes) -> ImageResult:
+        opts = self.opts
+        if not data:
+            raise SampleFailed("empty:image", "zero-byte file")
+        try:
+            im = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as exc:
+            raise SampleFiltered("max_pixels", str(exc)) from None
+        except UnidentifiedImageError:
+            raise SampleFailed("decode:image", "not a recognised image format") from None
+        except _DECODE_ERRORS as exc:
+            raise SampleFailed("decode:image", str(exc)) from None
+        source_format = im.format or "unknown"
+        stored_w, stored_h = im.size
+        if stored_w * stored_h > opts.max_pixels:
+            raise SampleFiltered("max_pixels", f"{stored_w}x{stored_h} > {opts.max_pixels} pixels")
+        orientation = _orientation(im)
+        width, height = (stored_h, stored_w) if orientation in _SWAPS_AXES else (stored_w, stored_h)
+        if min(width, height) < max(opts.min_side, 1):
+            raise SampleFiltered("min_side", f"{width}x{height} < {opts.min_side}")
+        if opts.max_aspect_ratio and max(width, height) / min(width, height) > opts.max_aspect_ratio:
+            raise SampleFiltered("max_aspect_ratio", f"{width}x{height}")
+        scale, (new_w, new_h), out_size = geometry(width, height, opts)
+        unchanged = (
+            (new_w, new_h) == (width, height)
+            and out_size == (width, height)
+            and orientation == 1
+            and im.mode == "RGB"
+            and "transparency" not in im.info
+            and PIL_FORMAT[opts.fmt] == source_format
+            and getattr(im, "n_frames", 1) == 1
+        )
+        try:
+            if unchanged:
+                im.load()  # a truncated file must still fail, even when we keep its bytes
+                return ImageResult(data, opts.fmt, width, height, width, height, source_format, False)
+            if source_format == "JPEG" and scale < 1.0:
+                im.draft(im.mode, (math.ceil(stored_w * scale), math.ceil(stored_h * scale)))
+            im.load()
+            if orientation != 1:
+                im = ImageOps.exif_transpose(im)
+            im = to_rgb(im)
+        except Image.DecompressionBombError as exc:
+            raise SampleFiltered("max_pixels", str(exc)) from None
+        except _DECODE_ERRORS as exc:
+            raise SampleFailed("decode:image", str(exc)) from None
+        if im.size != (new_w, new_h):
+            im = im.resize((new_w, new_h), Image.Resampling.LANCZOS, reducing_gap=3.0)
+        if out_size != im.size and opts.resize_mode == "center_crop":
+            left, top = (new_w - out_size[0]) // 2, (new_h - out_size[1]) // 2
+            im = im.crop((left, top, left + out_size[0], top + out_size[1]))
+        elif out_size != im.size:  # border: pad to the square, centred, black
+            canvas = Image.new("RGB", out_size, (0, 0, 0))
+            canvas.paste(im, ((out_size[0] - new_w) // 2, (out_size[1] - new_h) // 2))
+            im = canvas
+        return ImageResult(encode(im, opts), opts.fmt, width, height, im.width, im.height, source_format, True)
+
+
+def encode(im: Image.Image, opts: ImageOptions) -> bytes:
+    buf = io.BytesIO()
+    if opts.fmt == "jpg":
+        im.save(buf, "JPEG", quality=opts.quality)
+    elif opts.fmt == "png":
+        im.save(buf, "PNG", compress_level=6)
+    else:
+        im.save(buf, "WEBP", quality=opts.quality, method=4)
+    return buf.getvalue()

@@ -1,0 +1,113 @@
+"""run_unit: the one function engines schedule. Unit *i* in, shard *i* and its sidecars out.
+
+Outputs are committed in order — tar, parquet, then ``_stats.json`` last — each atomically. A unit
+is committed when its stats file exists with this config's hash; re-running it is then a no-op.
+Per-process state (transforms, tokenizer, models) is built once and cached by config hash.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from typing import Optional
+
+from mmdata import __version__
+from mmdata.config import BuildConfig
+from mmdata.process import RecordProcessor, Sample, Timer
+from mmdata.records import Unit
+from mmdata.schema import SHARD_SCHEMA
+from mmdata.storage import OutputDir
+from mmdata.transforms.tokenize import get_tokenizer, tokenize_npy
+from mmdata.writers.table import table_bytes
+from mmdata.writers.tar import write_tar
+
+_CONTEXTS: dict[str, "UnitContext"] = {}
+
+
+class UnitContext:
+    """What a worker process builds once per configuration."""
+
+    def __init__(self, config: BuildConfig):
+        self.config = config
+        self.out = OutputDir(config.out)
+        self.processor = RecordProcessor(config)
+        self.tokenizer = get_tokenizer(config.tokenizer) if config.tokenize else None
+
+
+def get_context(config: BuildConfig) -> UnitContext:
+    key = f"{config.config_hash}:{config.out}"
+    if key not in _CONTEXTS:
+        _CONTEXTS[key] = UnitContext(config)
+    return _CONTEXTS[key]
+
+
+def shard_files(name: str) -> dict[str, str]:
+    return {"tar": f"shards/{name}.tar", "parquet": f"shards/{name}.parquet", "stats": f"shards/{name}_stats.json"}
+
+
+def read_committed(out: OutputDir, name: str, config_hash: str) -> Optional[dict]:
+    """The unit's stats if it is committed under ``config_hash``, else None."""
+    files = shard_files(name)
+    if not out.exists(files["stats"]):
+        return None
+    try:
+        stats = json.loads(out.read_bytes(files["stats"]))
+    except (OSError, ValueError):
+        return None
+    if stats.get("config_hash") != config_hash or not (out.exists(files["tar"]) and out.exists(files["parquet"])):
+        return None
+    return stats
+
+
+def run_unit(config: BuildConfig, unit: Unit) -> dict:
+    """Build shard ``unit.index`` (unless committed) and return its stats."""
+    ctx = get_context(config)
+    files = shard_files(unit.name)
+    committed = read_committed(ctx.out, unit.name, config.config_hash)
+    if committed is not None:
+        return {**committed, "skipped": True}
+    started = time.time()
+    timer = Timer()
+    samples: list[Sample] = [ctx.processor(record, timer) for record in unit.records]
+    written = [s for s in samples if s.row["status"] == "written"]
+    if ctx.tokenizer is not None:
+        t0 = time.perf_counter()
+        with_text = [s for s in written if s.caption is not None]
+        for s, blob in zip(with_text, tokenize_npy(ctx.tokenizer, [s.caption for s in with_text])):
+            s.members["tokens.npy"] = blob
+        timer.add("tokenize", t0)
+    for row, s in enumerate(written):
+        s.row["row"] = row
+    t0 = time.perf_counter()
+    with ctx.out.atomic_open(files["tar"]) as fh:
+        write_tar(fh, ((s.record.key, s.members) for s in written))
+        tar_bytes = fh.tell()
+    ctx.out.write_bytes(files["parquet"], table_bytes([s.row for s in samples], SHARD_SCHEMA))
+    timer.add("write", t0)
+    stats = unit_stats(unit, config, samples, timer, started, tar_bytes)
+    ctx.out.write_bytes(files["stats"], json.dumps(stats, indent=1, sort_keys=True).encode())
+    return stats
+
+
+def unit_stats(unit: Unit, config: BuildConfig, samples: list[Sample], timer: Timer, started: float, tar_bytes: int) -> dict:
+    status = Counter(s.row["status"] for s in samples)
+    reasons: dict[str, Counter] = {"filtered": Counter(), "failed": Counter()}
+    for s in samples:
+        if s.row["status"] in reasons:
+            reasons[s.row["status"]][s.row["reason"]] += 1
+    return {
+        "unit": unit.index,
+        "shard": f"{unit.name}.tar",
+        "config_hash": config.config_hash,
+        "mmdata_version": __version__,
+        "counts": {
+            "inputs": len(samples),
+            "written": status["written"],
+            "filtered": status["filtered"],
+            "failed": status["failed"],
+        },
+        "reasons": {k: dict(sorted(v.items())) for k, v in reasons.items()},
+        "tar_bytes": tar_bytes,
+        "seconds": {k: round(v, 4) for k, v in sorted(timer.seconds.items())},
+        "wall_seconds": round(time.time() - started, 4),
+    }

@@ -1,0 +1,48 @@
+"""WebDataset tar writing: reproducible bytes (fixed mtime, owner and mode), sorted members per sample."""
+from __future__ import annotations
+
+import io
+import tarfile
+from typing import BinaryIO, Iterable
+
+FIXED_MTIME = 946684800  # 2000-01-01T00:00:00Z: any constant works, a plausible date keeps tools quiet
+
+
+def write_tar(fileobj: BinaryIO, samples: Iterable[tuple[str, dict[str, bytes]]]) -> int:
+    """Write ``(key, {ext: bytes})`` samples in the given order; members of a sample sorted by name.
+
+    Returns the number of samples written. ``ext`` has no leading dot (``jpg``, ``tokens.npy``).
+    """
+    n = 0
+    with tarfile.open(fileobj=fileobj, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for key, members in samples:
+            for ext in sorted(members):
+                data = members[ext]
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                info.mtime = FIXED_MTIME
+                info.mode = 0o644
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                tar.addfile(info, io.BytesIO(data))
+            n += 1
+    return n
+
+
+def read_tar_samples(fileobj: BinaryIO) -> list[tuple[str, dict[str, bytes]]]:
+    """The samples of a tar as ``(key, {ext: bytes})`` in file order, split at the first dot
+    of the member's base name (webdataset's convention)."""
+    samples: list[tuple[str, dict[str, bytes]]] = []
+    with tarfile.open(fileobj=fileobj, mode="r:*") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            base = info.name.rsplit("/", 1)[-1]
+            key, _, ext = base.partition(".")
+            prefix = info.name[: len(info.name) - len(base)] + key
+            data = tar.extractfile(info).read()
+            if samples and samples[-1][0] == prefix:
+                samples[-1][1][ext] = data
+            else:
+                samples.append((prefix, {ext: data}))
+    return samples
