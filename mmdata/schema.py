@@ -49,4 +49,11 @@ SCHEMAS = {"plan_table": PLAN_SCHEMA, "shard_table": SHARD_SCHEMA}
 
 def schema_to_json(schema: pa.Schema) -> list[dict]:
     """A plain description of ``schema``: name, arrow type, nullable."""
-    return [{"name": f.name, "type": str(f.type), "nullable": f.nullable} for f in schema]
+    return [{"name": f.name, "type": _type_name(f.type), "nullable": f.nullable} for f in schema]
+
+
+def _type_name(t: pa.DataType) -> str:
+    """Arrow type as text, with list element names dropped (parquet renames them on read)."""
+    if pa.types.is_list(t):
+        return f"list<{_type_name(t.value_type)}>"
+    return str(t)

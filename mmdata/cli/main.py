@@ -73,14 +73,14 @@ def inspect(shard: str = typer.Argument(..., help="a .tar shard (any fsspec URL)
     """List the samples of a shard and their members."""
     from mmdata.inspect_shard import describe_shard
 
+    import tarfile
+
     try:
         samples = describe_shard(shard)
+    except tarfile.TarError:
+        fail(f"{shard} is not a readable tar file")
     except (OSError, EOFError) as exc:
         fail(f"cannot read {shard}: {exc}")
-    except Exception as exc:  # tarfile.ReadError and friends: not a tar at all
-        if type(exc).__module__ != "tarfile":
-            raise
-        fail(f"{shard} is not a tar file: {exc}")
     for s in samples:
         if as_json:
             typer.echo(json.dumps(s))

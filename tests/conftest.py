@@ -1,0 +1,32 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from mmdata.build import build  # noqa: E402
+from mmdata.config import load_config  # noqa: E402
+from pipelines.demo_corpus import make_corpus  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """The demo corpus (photos, odd modes, broken files) and what a build of it must produce."""
+    root = tmp_path_factory.mktemp("corpus")
+    expected = make_corpus(str(root))
+    return str(root), expected
+
+
+def run_build(input, out, **kw):
+    kw.setdefault("progress", False)
+    kw.setdefault("samples_per_shard", 8)
+    return build(load_config(input=str(input), out=str(out), **kw))
+
+
+@pytest.fixture(scope="session")
+def built(corpus, tmp_path_factory):
+    """The demo corpus built once with the local engine (2 workers, tokens on)."""
+    out = tmp_path_factory.mktemp("built")
+    manifest = run_build(corpus[0], out, workers=2, tokenize=True)
+    return str(out), manifest
