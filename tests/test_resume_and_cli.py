@@ -111,4 +111,4 @@ def test_inspect_and_verify_commands(built, tmp_path):
     assert cli("verify", out).returncode == 0
     junk = tmp_path / "junk.tar"
     junk.write_bytes(b"not a tar" * 100)
-    assert_one_line_error(cli("inspect", str(junk)), "not a tar")
+    assert_one_line_error(cli("inspect", str(junk)), "not a readable tar")

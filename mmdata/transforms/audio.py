@@ -365,9 +365,10 @@ def process_audio(samples: np.ndarray, sr: int, cfg: AudioConfig) -> tuple[np.nd
 
 
 def encode_flac(samples: np.ndarray, sr: int) -> bytes:
-    """16-bit FLAC bytes; values outside [-1, 1] are clipped. Same input -> same bytes (no dither)."""
-    x = np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0)
-    pcm = np.round(x * 32767.0).astype(np.int16)
+    """16-bit FLAC bytes; full scale is 32768 (libsndfile's convention, so decoding gives the value
+    back within half a step); values past full scale are clipped. Same input -> same bytes (no dither)."""
+    x = np.round(np.asarray(samples, dtype=np.float64) * 32768.0)
+    pcm = np.clip(x, -32768, 32767).astype(np.int16)
     bio = io.BytesIO()
     sf.write(bio, pcm, sr, format="FLAC", subtype="PCM_16")
     return bio.getvalue()
