@@ -160,9 +160,10 @@ def test_truncated_wav_at_a_frame_boundary_fails():
     assert reasons(e) == "truncated:audio" and "1000 of 16000" in e.value.detail
 
 
-def test_streamed_wav_with_unknown_length_is_accepted():
+@pytest.mark.parametrize("placeholder", [0xFFFFFFFF, 0x7FFFF000])
+def test_streamed_wav_with_unknown_length_is_accepted(placeholder):
     data = bytearray(sf_bytes(tone(16000), 16000, "WAV", "PCM_16"))
-    data[40:44] = struct.pack("<I", 0xFFFFFFFF)  # what a pipe writer leaves: size unknown
+    data[40:44] = struct.pack("<I", placeholder)  # what a pipe writer (ffmpeg, espeak-ng --stdout) leaves
     samples, _, info = decode_audio(bytes(data), "wav")
     assert len(samples) == 16000 and info["declared_frames"] is None
 

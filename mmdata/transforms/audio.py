@@ -118,7 +118,8 @@ def _wav_header_frames(data: bytes) -> Optional[int]:
         if cid == b"fmt " and pos + 22 <= len(data):
             block_align = struct.unpack("<H", data[pos + 20:pos + 22])[0]
         elif cid == b"data":
-            if size in (0, 0xFFFFFFFF) or not block_align:
+            # 0, 0xFFFFFFFF or ~2 GiB (0x7FFFF000 from espeak-ng/sox --stdout): a streamed file's placeholder
+            if size == 0 or size >= 0x7FFF0000 or not block_align:
                 return None
             return size // block_align
         pos += 8 + size + (size & 1)
