@@ -260,7 +260,7 @@ def plan_segments(
                        words=tuple(Word(w.start + offset, w.end + offset, w.text) for w in s.words)) for s in segments]
     kept: list[Segment] = []
     for seg in sorted(shifted, key=lambda s: (s.start, s.index)):
-        if not seg.text:
+        if not seg.text.strip():
             reject(seg, "segment:empty_text", "no text")
         elif seg.end <= seg.start:
             reject(seg, "segment:bad_times", f"ends at {seg.end:.3f} s, not after its start {seg.start:.3f} s")
