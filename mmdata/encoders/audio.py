@@ -65,7 +65,10 @@ class MelStatsEncoder(Stage):
     def _features(self, samples: np.ndarray, sr: int) -> np.ndarray:
         from mmdata.transforms.audio import log_mel
 
-        mel = log_mel(_resample(_mono(samples), sr, self.sample_rate), self.sample_rate, self._mel_cfg).astype(np.float32)
+        x = _resample(_mono(samples), sr, self.sample_rate)
+        if len(x) < self._mel_cfg.n_fft:  # a clip shorter than one FFT window: pad with silence
+            x = np.pad(x, (0, self._mel_cfg.n_fft - len(x)))
+        mel = log_mel(x, self.sample_rate, self._mel_cfg).astype(np.float32)
         band_mean = mel.mean(axis=1)
         parts = [band_mean - band_mean.mean(), mel.std(axis=1)]
         if self.deltas:
