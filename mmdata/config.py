@@ -18,7 +18,8 @@ from mmdata.errors import UserError
 MODALITIES = ("image", "text", "audio")
 
 # Fields that decide *where* or *how fast* the job runs, not *what* it writes.
-RUNTIME_FIELDS = frozenset({"out", "workers", "engine", "overwrite", "progress", "dask_address", "beam_options"})
+RUNTIME_FIELDS = frozenset({"out", "workers", "engine", "overwrite", "progress", "dask_address", "beam_options",
+                            "device", "embed_batch_size", "index_memory_gb", "index_recall_target"})
 
 
 class BuildConfig(BaseModel):
@@ -55,8 +56,23 @@ class BuildConfig(BaseModel):
     max_caption_chars: int = Field(4096, ge=1, description="longer captions are truncated (recorded)")
     tokenize: bool = False
     tokenizer: str = Field("ViT-B-32", description="open_clip model whose tokenizer writes {key}.tokens.npy")
+    # embeddings (an open_clip model; none by default)
+    model: Optional[str] = Field(None, description="open_clip model for image/text embeddings, e.g. ViT-B-32")
+    pretrained: Optional[str] = Field("laion2b_s34b_b79k", description="open_clip tag, local checkpoint path, or 'random' (tests)")
+    model_seed: int = Field(0, description="seed of random weights when pretrained is 'random'")
+    embed: list[Literal["image", "text"]] = Field(default_factory=lambda: ["image", "text"])
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:1 …")
+    embed_batch_size: int = Field(64, ge=1)
+    embedding_dtype: Literal["float16", "float32"] = "float16"
+    embed_in_shards: bool = Field(False, description="also store {key}.<modality>_emb.npy in the samples")
+    fused: Optional[Literal["mean"]] = Field(None, description="also write a fused embedding: mean of the modalities, renormalised")
+    # index
+    index: bool = Field(True, description="build a FAISS index per embedded modality at finalize")
+    index_memory_gb: float = Field(4.0, gt=0)
+    index_recall_target: float = Field(0.95, gt=0, le=1)
 
-    @field_validator("require", mode="before")
+    @field_validator("require", "embed", mode="before")
     @classmethod
     def _split_require(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -71,6 +87,13 @@ class BuildConfig(BaseModel):
     def config_hash(self) -> str:
         blob = json.dumps(self.content_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+    @property
+    def embedded_modalities(self) -> list[str]:
+        """Modalities written to embeddings/<modality>/ (``fused`` included when asked)."""
+        if not self.model:
+            return []
+        return sorted(self.embed) + (["fused"] if self.fused and len(self.embed) > 1 else [])
 
     @property
     def n_workers(self) -> int:

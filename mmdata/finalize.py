@@ -51,7 +51,7 @@ def finalize(config: BuildConfig, out: OutputDir, units: list[Unit], wall_second
     """Check every unit committed, write sizes.json and manifest.json; return the manifest."""
     all_stats = []
     for unit in units:
-        stats = read_committed(out, unit.name, config.config_hash)
+        stats = read_committed(out, unit.name, config.config_hash, config.embedded_modalities)
         if stats is None:
             raise UserError(f"unit {unit.name} is not committed; run the build again to finish it")
         if stats["counts"]["inputs"] != len(unit.records):

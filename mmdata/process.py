@@ -12,6 +12,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Optional
 
+from PIL import Image
+
 from mmdata.config import BuildConfig
 from mmdata.errors import SampleError, SampleFailed, SampleFiltered
 from mmdata.records import Record
@@ -28,6 +30,7 @@ class Sample:
     row: dict
     members: dict[str, bytes] = field(default_factory=dict)
     caption: Optional[str] = None
+    image: Optional[Image.Image] = None  # kept only when an encoder will embed it
 
 
 class Timer:
@@ -79,6 +82,7 @@ class RecordProcessor:
     def __init__(self, config: BuildConfig):
         self.config = config
         self.image = ImageTransform(image_options(config))
+        self.keep_images = "image" in config.embedded_modalities
 
     def check_pairing(self, record: Record) -> None:
         if record.problem:
@@ -99,7 +103,7 @@ class RecordProcessor:
             self._json(sample, timer)
         except SampleError as err:
             sample.row.update(status=err.status, reason=err.reason)
-            sample.members = {}
+            sample.members, sample.image = {}, None
             if err.detail:
                 sample.row["warnings"].append(f"detail:{err.detail[:200]}")
             return sample
@@ -155,6 +159,8 @@ class RecordProcessor:
             reencoded=result.reencoded,
         )
         sample.members[result.ext] = result.data
+        if self.keep_images:
+            sample.image = result.image
 
     def _json(self, sample: Sample, timer: Timer) -> None:
         record = sample.record

@@ -13,6 +13,7 @@ from typing import Optional
 
 from mmdata import __version__
 from mmdata.config import BuildConfig
+from mmdata.embedding import embed_samples, make_encoder, npy_bytes
 from mmdata.process import RecordProcessor, Sample, Timer
 from mmdata.records import Unit
 from mmdata.schema import SHARD_SCHEMA
@@ -32,6 +33,7 @@ class UnitContext:
         self.out = OutputDir(config.out)
         self.processor = RecordProcessor(config)
         self.tokenizer = get_tokenizer(config.tokenizer) if config.tokenize else None
+        self.encoder = make_encoder(config) if config.model else None
 
 
 def get_context(config: BuildConfig) -> UnitContext:
@@ -45,16 +47,20 @@ def shard_files(name: str) -> dict[str, str]:
     return {"tar": f"shards/{name}.tar", "parquet": f"shards/{name}.parquet", "stats": f"shards/{name}_stats.json"}
 
 
-def read_committed(out: OutputDir, name: str, config_hash: str) -> Optional[dict]:
+def embedding_file(modality: str, name: str) -> str:
+    return f"embeddings/{modality}/{name}.npy"
+
+
+def read_committed(out: OutputDir, name: str, config_hash: str, modalities: list[str] = ()) -> Optional[dict]:
     """The unit's stats if it is committed under ``config_hash``, else None."""
-    files = shard_files(name)
+    files = {**shard_files(name), **{m: embedding_file(m, name) for m in modalities}}
     if not out.exists(files["stats"]):
         return None
     try:
         stats = json.loads(out.read_bytes(files["stats"]))
     except (OSError, ValueError):
         return None
-    if stats.get("config_hash") != config_hash or not (out.exists(files["tar"]) and out.exists(files["parquet"])):
+    if stats.get("config_hash") != config_hash or not all(out.exists(f) for k, f in files.items() if k != "stats"):
         return None
     return stats
 
@@ -63,7 +69,7 @@ def run_unit(config: BuildConfig, unit: Unit) -> dict:
     """Build shard ``unit.index`` (unless committed) and return its stats."""
     ctx = get_context(config)
     files = shard_files(unit.name)
-    committed = read_committed(ctx.out, unit.name, config.config_hash)
+    committed = read_committed(ctx.out, unit.name, config.config_hash, config.embedded_modalities)
     if committed is not None:
         return {**committed, "skipped": True}
     started = time.time()
@@ -78,11 +84,24 @@ def run_unit(config: BuildConfig, unit: Unit) -> dict:
         timer.add("tokenize", t0)
     for row, s in enumerate(written):
         s.row["row"] = row
+    embeddings = {}
+    if ctx.encoder is not None:
+        t0 = time.perf_counter()
+        embeddings = embed_samples(ctx.encoder, config, [s.image for s in written], [s.caption for s in written])
+        for s in written:
+            s.image = None
+        if config.embed_in_shards:
+            for modality, rows in embeddings.items():
+                for s, vec in zip(written, rows):
+                    s.members[f"{modality}_emb.npy"] = npy_bytes(vec, config.embedding_dtype)
+        timer.add("embed", t0)
     t0 = time.perf_counter()
     with ctx.out.atomic_open(files["tar"]) as fh:
         write_tar(fh, ((s.record.key, s.members) for s in written))
         tar_bytes = fh.tell()
     ctx.out.write_bytes(files["parquet"], table_bytes([s.row for s in samples], SHARD_SCHEMA))
+    for modality, rows in embeddings.items():
+        ctx.out.write_bytes(embedding_file(modality, unit.name), npy_bytes(rows, config.embedding_dtype))
     timer.add("write", t0)
     stats = unit_stats(unit, config, samples, timer, started, tar_bytes)
     ctx.out.write_bytes(files["stats"], json.dumps(stats, indent=1, sort_keys=True).encode())

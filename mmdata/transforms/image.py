@@ -49,6 +49,7 @@ class ImageResult:
     height: int
     source_format: str
     reencoded: bool
+    image: Optional[Image.Image] = None  # the output image, decoded (for encoders: no second decode)
 
 
 def _orientation(im: Image.Image) -> int:
@@ -137,7 +138,7 @@ class ImageTransform:
         try:
             if unchanged:
                 im.load()  # a truncated file must still fail, even when we keep its bytes
-                return ImageResult(data, opts.fmt, width, height, width, height, source_format, False)
+                return ImageResult(data, opts.fmt, width, height, width, height, source_format, False, im)
             if source_format == "JPEG" and scale < 1.0:
                 im.draft(im.mode, (math.ceil(stored_w * scale), math.ceil(stored_h * scale)))
             im.load()
@@ -157,7 +158,7 @@ class ImageTransform:
             canvas = Image.new("RGB", out_size, (0, 0, 0))
             canvas.paste(im, ((out_size[0] - new_w) // 2, (out_size[1] - new_h) // 2))
             im = canvas
-        return ImageResult(encode(im, opts), opts.fmt, width, height, im.width, im.height, source_format, True)
+        return ImageResult(encode(im, opts), opts.fmt, width, height, im.width, im.height, source_format, True, im)
 
 
 def encode(im: Image.Image, opts: ImageOptions) -> bytes:
