@@ -172,13 +172,30 @@ def test_clap_oom_halves_the_batch(clap, monkeypatch):
     np.testing.assert_allclose(out, expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["laion/clap-htsat-unfused", "/nonexistent/clap-checkpoint"])
-def test_clap_load_failure_is_a_user_error_naming_the_remedy(name, monkeypatch, tmp_path):
+def test_clap_hub_id_offline_fails_fast_naming_the_remedy(monkeypatch):
+    import time
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
     with pytest.raises(UserError) as e:
-        ClapEncoder(name, device="cpu").setup()
+        ClapEncoder("laion/clap-htsat-unfused", device="cpu").setup()
     message = str(e.value)
-    assert "\n" not in message and name in message and "save_pretrained" in message and "HF_HUB_OFFLINE" in message
+    assert "\n" not in message and "laion/clap-htsat-unfused" in message
+    assert "HF_HUB_OFFLINE" in message and "save_pretrained" in message
+    assert time.perf_counter() - start < 10  # no half-minute of retries
+
+
+def test_clap_unreachable_hub_fails_fast(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(E, "_hub_reachable", lambda: False)
+    with pytest.raises(UserError, match="unreachable"):
+        ClapEncoder("laion/clap-htsat-unfused", device="cpu").setup()
+
+
+def test_clap_missing_folder_is_a_user_error():
+    with pytest.raises(UserError, match="does not exist.*save_pretrained"):
+        ClapEncoder("/nonexistent/clap-checkpoint", device="cpu").setup()
 
 
 def test_clap_folder_without_processor_is_a_user_error(tmp_path, tiny_clap):
@@ -186,7 +203,7 @@ def test_clap_folder_without_processor_is_a_user_error(tmp_path, tiny_clap):
 
     for f in ("config.json", "model.safetensors"):
         shutil.copy(f"{tiny_clap}/{f}", tmp_path / f)
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="cannot load CLAP model from.*save_pretrained"):
         ClapEncoder(str(tmp_path), device="cpu").setup()
 
 

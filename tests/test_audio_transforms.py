@@ -96,8 +96,23 @@ def test_decode_ffmpeg_made_files(tmp_path, suffix, args, sr, channels):
     assert info["decoder"] == ("ffmpeg" if suffix == ".m4a" else "soundfile")
 
 
-def test_m4a_without_ffmpeg_fails_naming_it(tmp_path, monkeypatch):
-    data = ffmpeg_bytes(tone(44100), 44100, ".m4a", tmp_path, "-c:a", "aac")
+def test_streamed_flac_of_undeclared_length_goes_through_ffmpeg(tmp_path):
+    needs_ffmpeg()
+    src = tmp_path / "src.wav"
+    sf.write(src, tone(22050, 2), 22050, subtype="PCM_16")
+    piped = subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-i", str(src), "-f", "flac", "pipe:1"],
+                           check=True, capture_output=True).stdout
+    samples, sr, info = decode_audio(piped, "flac")
+    assert info["decoder"] == "ffmpeg" and info["declared_frames"] is None
+    assert sr == 22050 and samples.shape == (22050, 2)
+    np.testing.assert_allclose(samples, tone(22050, 2), atol=1.5 / 32768)
+    with pytest.raises(SampleFailed) as e:  # no length to compare with, but ffmpeg reports the damage
+        decode_audio(piped[: len(piped) // 2], "flac")
+    assert reasons(e) == "decode:audio" and "ffmpeg" in e.value.detail
+
+
+def test_m4a_without_ffmpeg_fails_naming_it(monkeypatch):
+    data = b"\x00\x00\x00\x1cftypM4A \x00\x00\x02\x00M4A isommp42" + bytes(1000)  # an mp4 header
     monkeypatch.setattr(A.shutil, "which", lambda name: None)
     with pytest.raises(SampleFailed) as e:
         decode_audio(data, "m4a")

@@ -139,6 +139,7 @@ def test_merge_short_segments():
         (0, (0, 1, 2), "a b c", None), (3, (3,), "d", None), (4, (4,), "e", "segment:too_short"),
         (5, (5, 6), "f g", None)]
     assert (plan[0].start, plan[0].end) == (0.0, 2.5) and plan[0].key("k") == "k_s0000"
+    assert sorted(i for p in plan for i in p.indices) == list(range(7))  # every segment accounted for once
 
 
 def test_merging_never_exceeds_max_segment():

@@ -6,7 +6,10 @@ float32; channels are averaged) and return L2-normalised float32 rows, one per i
 """
 from __future__ import annotations
 
+import os
+import socket
 from typing import Sequence
+from urllib.parse import urlparse
 
 import numpy as np
 
@@ -89,25 +92,66 @@ class MelStatsEncoder(Stage):
 
 # One loaded CLAP per (model, device) per process: setup() on every stage instance is cheap.
 _CLAP_CACHE: dict[tuple[str, str], tuple] = {}
+_LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError)
+_PROBE_TIMEOUT_S = 3.0
+_SAVE_HINT = "a local folder saved with ClapModel.save_pretrained and ClapProcessor.save_pretrained"
+
+
+def _one_line(exc: BaseException) -> str:
+    line = " ".join(p.strip() for p in str(exc).splitlines() if p.strip()) or type(exc).__name__
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
+def _hub_offline() -> bool:
+    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return env.strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _hub_reachable() -> bool:
+    """A TCP connect to the hub within a few seconds (assumed reachable behind a proxy): without it
+    transformers retries for half a minute before it gives up."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=_PROBE_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
 
 
 def _load_clap(name_or_path: str, device: str):
+    """Model, feature extractor and tokenizer, once per process; any failure is one ``UserError`` line."""
     key = (name_or_path, device)
-    if key not in _CLAP_CACHE:
-        import transformers
-        from transformers import ClapModel, ClapProcessor
+    if key in _CLAP_CACHE:
+        return _CLAP_CACHE[key]
+    from transformers import ClapModel, ClapProcessor
 
+    path = os.path.expanduser(name_or_path)
+    is_path = os.path.isdir(path) or name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1
+
+    def load(local_only: bool):
+        return (ClapModel.from_pretrained(path, local_files_only=local_only),
+                ClapProcessor.from_pretrained(path, local_files_only=local_only))
+
+    if is_path and not os.path.isdir(path):
+        raise UserError(f"CLAP checkpoint folder {name_or_path!r} does not exist: pass {_SAVE_HINT}")
+    try:
+        model, processor = load(local_only=True)  # a local folder, or a hub id already in the HF cache
+    except _LOAD_ERRORS as exc:
+        if is_path:
+            raise UserError(f"cannot load CLAP model from {name_or_path!r} ({_one_line(exc)}): pass {_SAVE_HINT}") from None
+        if _hub_offline() or not _hub_reachable():
+            raise UserError(f"CLAP model {name_or_path!r} is not in the local Hugging Face cache and the hub is "
+                            f"{'off (HF_HUB_OFFLINE)' if _hub_offline() else 'unreachable'}: download it into HF_HOME "
+                            f"where there is network (unset HF_HUB_OFFLINE), or pass {_SAVE_HINT}") from None
         try:
-            model = ClapModel.from_pretrained(name_or_path)
-            processor = ClapProcessor.from_pretrained(name_or_path)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-            raise UserError(
-                f"cannot load CLAP model {name_or_path!r} ({first}): pass a local folder saved with "
-                f"ClapModel/ClapProcessor.save_pretrained, or a hub id with network access (unset HF_HUB_OFFLINE); "
-                f"transformers {transformers.__version__}") from None
-        model.eval().to(device)
-        _CLAP_CACHE[key] = (model, processor.feature_extractor, processor.tokenizer)
+            model, processor = load(local_only=False)
+        except _LOAD_ERRORS as exc2:
+            raise UserError(f"cannot load CLAP model {name_or_path!r} from the hub ({_one_line(exc2)}): "
+                            f"check the id, or pass {_SAVE_HINT}") from None
+    model.eval().to(device)
+    _CLAP_CACHE[key] = (model, processor.feature_extractor, processor.tokenizer)
     return _CLAP_CACHE[key]
 
 

@@ -246,6 +246,9 @@ def plan_segments(
     ``samples`` to find a split point). Short segments are merged with the next (else the
     previous) kept segment; long ones are split at the widest pause between words or, given
     ``samples``, at the quietest 20 ms within the allowed range.
+
+    Every transcript index appears in the ``indices`` of exactly one entry (the parts of a split
+    segment share theirs), so a caller can account for every segment.
     """
     if max_segment is not None and max_segment < min_segment:
         raise ValueError("max_segment must be >= min_segment")

@@ -34,6 +34,8 @@ _EXT_CONTAINERS = {
 }
 _SILENCE_PEAK = 1e-6  # ~ -120 dBFS: with trim_silence on, a clip whose peak is below this is silent
 _FFMPEG_TIMEOUT_S = 600
+_READ_BLOCK = 1 << 18  # frames per soundfile read
+_UNKNOWN_FRAMES = 1 << 40
 
 
 class AudioConfig(BaseModel):
@@ -153,21 +155,36 @@ def _ogg_ends_with_eos(data: bytes) -> bool:
     return last >= 0 and last + 5 < len(data) and bool(data[last + 5] & 0x04)
 
 
+class _NeedsFFmpeg(Exception):
+    """libsndfile cannot read this file although it knows the container."""
+
+
+def _read_all(f: sf.SoundFile, bio: io.BytesIO, size: int) -> np.ndarray:
+    """Read every frame in blocks (a header's frame count is not trusted with an allocation size);
+    a decoder error at the end of the bytes is a truncation."""
+    blocks = []
+    while True:
+        try:
+            block = f.read(_READ_BLOCK, dtype="float32", always_2d=True)
+        except sf.LibsndfileError as exc:
+            reason = "truncated:audio" if bio.tell() >= size - 8192 else "decode:audio"
+            raise SampleFailed(reason, f"{f.format}: {exc}") from None
+        if not len(block):
+            break
+        blocks.append(block)
+    return np.concatenate(blocks) if blocks else np.zeros((0, f.channels), np.float32)
+
+
 def _decode_soundfile(data: bytes, container: str) -> tuple[np.ndarray, int, dict]:
     if container == "ogg" and not _ogg_ends_with_eos(data):
         raise SampleFailed("truncated:audio", "ogg stream has no end-of-stream page")
     bio = io.BytesIO(data)
     try:
         with sf.SoundFile(bio) as f:
-            sr, channels, declared = f.samplerate, f.channels, f.frames
-            fmt, subtype = f.format, f.subtype
-            try:
-                samples = f.read(dtype="float32", always_2d=True)
-            except sf.LibsndfileError as exc:
-                # The decoder gave up mid-stream; at the end of the bytes that is a truncation.
-                if bio.tell() >= len(data) - 8192:
-                    raise SampleFailed("truncated:audio", f"{fmt}: {exc}") from None
-                raise SampleFailed("decode:audio", f"{fmt}: {exc}") from None
+            sr, fmt, subtype, declared = f.samplerate, f.format, f.subtype, f.frames
+            if declared >= _UNKNOWN_FRAMES:  # a streamed FLAC (0 total samples): libsndfile cannot read it
+                raise _NeedsFFmpeg(f"{container} of undeclared length (streamed)")
+            samples = _read_all(f, bio, len(data))
     except sf.LibsndfileError as exc:
         raise SampleFailed("decode:audio", f"{container}: {exc.error_string}") from None
     expected, tolerance = declared, 0
@@ -196,16 +213,19 @@ def _ffmpeg_probe(path: str) -> dict:
     cmd = ["ffprobe", "-v", "error", "-select_streams", "a:0", "-show_entries",
            "stream=codec_name,sample_rate,channels,duration", "-of", "json", path]
     proc = _run_tool(cmd)
-    streams = json.loads(proc.stdout or b"{}").get("streams") or []
+    try:
+        streams = json.loads(proc.stdout or b"{}").get("streams") or []
+    except (ValueError, AttributeError):
+        streams = []
     if proc.returncode != 0 or not streams:
         err = proc.stderr.decode(errors="replace").strip().splitlines()
         raise SampleFailed("decode:audio", f"ffprobe: {err[-1] if err else 'no audio stream'}")
     return streams[0]
 
 
-def _decode_ffmpeg(data: bytes, container: str) -> tuple[np.ndarray, int, dict]:
+def _decode_ffmpeg(data: bytes, container: str, what: str = "") -> tuple[np.ndarray, int, dict]:
     if not (shutil.which("ffmpeg") and shutil.which("ffprobe")):
-        raise SampleFailed("decode:audio", f"{container} needs ffmpeg, which is not installed")
+        raise SampleFailed("decode:audio", f"{what or container} needs ffmpeg, which is not installed")
     # A temporary file, not a pipe: mp4 keeps its index (moov) at the end and needs seeking.
     with tempfile.TemporaryDirectory(prefix="mmdata-audio-") as tmp:
         path = os.path.join(tmp, "input")
@@ -227,6 +247,9 @@ def _decode_ffmpeg(data: bytes, container: str) -> tuple[np.ndarray, int, dict]:
     if len(samples) and expected is not None and len(samples) < expected - (4096 + expected // 1000):
         raise SampleFailed("truncated:audio", f"decoded {len(samples)} of {expected} frames the container declares")
     info = {"decoder": "ffmpeg", "format": container, "codec": stream.get("codec_name"), "declared_frames": expected}
+    complaints = proc.stderr.decode(errors="replace").strip().splitlines()
+    if complaints:  # exit status 0, but ffmpeg hit damaged data (a bad frame, a cut-off stream end)
+        raise SampleFailed("decode:audio", f"ffmpeg: {complaints[-1][:300]}")
     return samples, sr, info
 
 
@@ -246,14 +269,17 @@ def decode_audio(data: bytes, ext: str) -> tuple[np.ndarray, int, dict]:
         raise SampleFailed("decode:audio", f"content is text, not audio (named .{ext})")
     mismatch = container != "unknown" and ext in _EXT_CONTAINERS and container not in _EXT_CONTAINERS[ext]
     if container in SOUNDFILE_CONTAINERS:
-        samples, sr, info = _decode_soundfile(data, container)
+        try:
+            samples, sr, info = _decode_soundfile(data, container)
+        except _NeedsFFmpeg as exc:
+            samples, sr, info = _decode_ffmpeg(data, container, str(exc))
     elif container != "unknown":
         samples, sr, info = _decode_ffmpeg(data, container)
     else:  # no known magic: libsndfile may still recognise it, else ffmpeg probes everything it knows
         try:
             samples, sr, info = _decode_soundfile(data, container)
-        except SampleFailed as exc:
-            if exc.reason != "decode:audio" or not shutil.which("ffmpeg"):
+        except (SampleFailed, _NeedsFFmpeg) as exc:
+            if isinstance(exc, SampleFailed) and (exc.reason != "decode:audio" or not shutil.which("ffmpeg")):
                 raise
             samples, sr, info = _decode_ffmpeg(data, container)
     if len(samples) == 0:
