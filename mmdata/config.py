@@ -19,6 +19,7 @@ MODALITIES = ("image", "text", "audio")
 
 # Fields that decide *where* or *how fast* the job runs, not *what* it writes.
 RUNTIME_FIELDS = frozenset({"out", "workers", "engine", "overwrite", "progress", "dask_address", "beam_options",
+                            "dask_gpu_resource", "dask_retries",
                             "device", "embed_batch_size", "index_memory_gb", "index_recall_target"})
 
 
@@ -34,8 +35,10 @@ class BuildConfig(BaseModel):
     workers: Optional[int] = Field(None, ge=1, description="worker processes (default: cores)")
     overwrite: bool = False
     progress: bool = True
-    dask_address: Optional[str] = None
-    beam_options: list[str] = Field(default_factory=list)
+    dask_address: Optional[str] = Field(None, description="Dask scheduler (tcp://host:8786); default: a LocalCluster")
+    dask_gpu_resource: Optional[str] = Field(None, description="Dask worker resource a unit needs (e.g. GPU)")
+    dask_retries: int = Field(3, ge=0, le=100, description="times Dask retries a unit that raised")
+    beam_options: list[str] = Field(default_factory=list, description="Beam pipeline options (--runner=…)")
     # plan
     samples_per_shard: int = Field(1000, ge=1, le=1_000_000)
     image_col: str = "image"

@@ -47,6 +47,16 @@ def merge_stats(all_stats: list[dict]) -> dict:
     }
 
 
+def embeddings_facts(config: BuildConfig, all_stats: list[dict]) -> dict:
+    """The model behind the embeddings; every unit must have used the same one."""
+    facts = [s["encoder"] for s in all_stats if "encoder" in s]
+    if any(f != facts[0] for f in facts):
+        raise UserError("units were embedded with different models; rebuild with --overwrite")
+    dim = facts[0]["embed_dim"] if facts else None
+    return {"encoder": facts[0] if facts else None, "modalities": config.embedded_modalities,
+            "dtype": config.embedding_dtype, "dim": dim, "l2_normalised": True}
+
+
 def finalize(config: BuildConfig, out: OutputDir, units: list[Unit], wall_seconds: float) -> dict:
     """Check every unit committed, write sizes.json and manifest.json; return the manifest."""
     all_stats = []
@@ -73,6 +83,15 @@ def finalize(config: BuildConfig, out: OutputDir, units: list[Unit], wall_second
         "timings": {"wall_seconds": round(wall_seconds, 3), "samples_per_second": round(c["inputs"] / max(wall_seconds, 1e-9), 2)},
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if config.embedded_modalities:
+        manifest["embeddings"] = embeddings_facts(config, all_stats)
+        if config.index:
+            started = time.perf_counter()
+            from mmdata.indexing import build_indexes
+
+            infos = build_indexes(config, out, units)
+            manifest["index"] = {m: {k: i.get(k) for k in ("index_key", "n", "recall_at_10")} for m, i in infos.items()}
+            manifest["timings"]["index_seconds"] = round(time.perf_counter() - started, 3)
     out.write_bytes("manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
     out.clean_temporaries()
     return manifest

@@ -23,6 +23,8 @@ from mmdata.writers.table import table_bytes
 from mmdata.writers.tar import write_tar
 
 _CONTEXTS: dict[str, "UnitContext"] = {}
+# What identifies the model behind the embeddings (device and batch size do not).
+ENCODER_FACTS = ("model", "pretrained", "weights", "checkpoint_sha256", "seed", "embed_dim", "open_clip_version")
 
 
 class UnitContext:
@@ -104,6 +106,9 @@ def run_unit(config: BuildConfig, unit: Unit) -> dict:
         ctx.out.write_bytes(embedding_file(modality, unit.name), npy_bytes(rows, config.embedding_dtype))
     timer.add("write", t0)
     stats = unit_stats(unit, config, samples, timer, started, tar_bytes)
+    if ctx.encoder is not None:
+        stats["encoder"] = {k: v for k, v in ctx.encoder.info().items() if k in ENCODER_FACTS}
+        stats["embeddings"] = {m: {"rows": len(written), "dtype": config.embedding_dtype} for m in embeddings}
     ctx.out.write_bytes(files["stats"], json.dumps(stats, indent=1, sort_keys=True).encode())
     return stats
 

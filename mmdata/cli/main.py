@@ -114,6 +114,51 @@ def verify(out: str = typer.Argument(..., help="a build's output folder")) -> No
     typer.echo(f"{out}: ok")
 
 
+@app.command()
+def search(
+    out: str = typer.Argument(..., help="a build's output folder (with an index)"),
+    text: Optional[str] = typer.Option(None, "--text", help="query text (embedded with the build's model)"),
+    image: Optional[str] = typer.Option(None, "--image", help="query image path or URL"),
+    key: Optional[str] = typer.Option(None, "--key", help="neighbours of a stored sample (itself excluded)"),
+    embedding: Optional[Path] = typer.Option(None, "--embedding", help="a .npy query vector"),
+    modality: str = typer.Option("image", "--modality", help="which index to search: image | text | fused | audio"),
+    k: int = typer.Option(10, "-k", min=1, help="number of results"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object per result"),
+    model: Optional[str] = typer.Option(None, help="must match the build's model (checked)"),
+    pretrained: Optional[str] = typer.Option(None, help="must match the build's weights (checked)"),
+) -> None:
+    """Nearest neighbours: text→image, image→image, key→neighbours, embedding→neighbours."""
+    import numpy as np
+
+    from mmdata.retrieval import Retriever
+
+    given = [q for q in (text, image, key, embedding) if q is not None]
+    if len(given) != 1:
+        fail("give exactly one of --text, --image, --key, --embedding")
+    try:
+        r = Retriever(out)
+        chosen = {"model": model, "pretrained": pretrained}
+        if text is not None:
+            hits = r.search_text(text, k, modality, **chosen)
+        elif image is not None:
+            hits = r.search_image(image, k, modality, **chosen)
+        elif key is not None:
+            hits = r.search_key(key, k, modality)
+        else:
+            try:
+                vec = np.load(embedding, allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                fail(f"cannot read {embedding}: {exc}")
+            hits = r.search_embedding(vec, k, modality)
+    except UserError as err:
+        fail(str(err))
+    for h in hits:
+        if as_json:
+            typer.echo(json.dumps(h.to_dict(), ensure_ascii=False))
+        else:
+            typer.echo(f"{h.rank:3d}  {h.score:7.4f}  {h.key}  {h.shard}  {h.caption or ''}")
+
+
 def main() -> None:
     app()
 

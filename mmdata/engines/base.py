@@ -12,7 +12,11 @@ from mmdata.config import BuildConfig
 from mmdata.errors import UserError
 from mmdata.records import Unit
 
-ENGINES = {"local": "mmdata.engines.local:LocalEngine"}
+ENGINES = {
+    "local": "mmdata.engines.local:LocalEngine",
+    "dask": "mmdata.engines.dask:DaskEngine",
+    "beam": "mmdata.engines.beam:BeamEngine",
+}
 EXTRA_OF = {"dask": "dask", "beam": "beam"}
 
 

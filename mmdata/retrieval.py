@@ -1,0 +1,134 @@
+"""Retriever: query a build's FAISS indexes by text, image, key or raw embedding.
+
+Queries are embedded with the model recorded in the build's manifest; asking for another model
+is an error, never a silent mismatch.
+"""
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image, UnidentifiedImageError
+
+from mmdata.errors import UserError
+from mmdata.storage import OutputDir, read_bytes
+from mmdata.transforms.image import to_rgb
+
+
+@dataclass
+class Hit:
+    rank: int
+    score: float
+    id: int
+    key: str
+    caption: Optional[str]
+    shard: str
+    row: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Retriever:
+    """``Retriever(OUT).search_text("a cat", k=5)`` → hits, best first."""
+
+    def __init__(self, out: str, device: str = "cpu"):
+        self.out = OutputDir(out)
+        if not self.out.exists("index/index_infos.json"):
+            raise UserError(f"{out} has no index (build it with --model … and without --no-index)")
+        self.infos = json.loads(self.out.read_bytes("index/index_infos.json"))
+        self.manifest = json.loads(self.out.read_bytes("manifest.json"))
+        table = pq.read_table(io.BytesIO(self.out.read_bytes("index/ids.parquet"))).to_pylist()
+        self._by_id = {r["id"]: r for r in table}
+        self._by_key = {r["key"]: r for r in table}
+        self.device = device
+        self._indexes: dict = {}
+        self._encoder = None
+
+    @property
+    def modalities(self) -> list[str]:
+        return sorted(self.infos)
+
+    def index(self, modality: str):
+        if modality not in self.infos:
+            raise UserError(f"modality {modality!r} is not indexed in {self.out.url} (indexed: {', '.join(self.modalities) or 'none'})")
+        if modality not in self._indexes:
+            from mmdata.index import load_index
+
+            self._indexes[modality] = load_index(self._local_index(modality), self.infos[modality])
+        return self._indexes[modality]
+
+    def _local_index(self, modality: str) -> str:
+        rel = f"index/{modality}.index"
+        if self.out.local:
+            return self.out.path(rel)
+        import tempfile
+
+        path = tempfile.mkstemp(suffix=".index")[1]
+        self.out.fs.get_file(self.out.path(rel), path)
+        return path
+
+    def encoder(self, model: Optional[str] = None, pretrained: Optional[str] = None):
+        """The build's encoder; ``model``/``pretrained`` must match what the build used."""
+        facts = self.manifest.get("embeddings", {}).get("encoder")
+        if not facts:
+            raise UserError(f"{self.out.url} records no embedding model; query with --embedding or --key")
+        if (model and model != facts["model"]) or (pretrained and pretrained not in (facts["pretrained"], facts.get("checkpoint"))):
+            raise UserError(f"the index was built with {facts['model']}/{facts['pretrained']}; a query embedded with "
+                            f"{model or facts['model']}/{pretrained or facts['pretrained']} would not be comparable")
+        if self._encoder is None:
+            from mmdata.encoders.clip import ClipEncoder
+
+            weights = None if facts["weights"] == "random" else (pretrained or facts["pretrained"])
+            enc = ClipEncoder(model=facts["model"], pretrained=weights, device=self.device, seed=facts.get("seed") or 0)
+            enc.setup()
+            got = enc.info()
+            if facts.get("checkpoint_sha256") and got.get("checkpoint_sha256") != facts["checkpoint_sha256"]:
+                raise UserError(f"checkpoint {got.get('checkpoint')} differs from the one the index was built with "
+                                f"(sha256 {facts['checkpoint_sha256'][:12]}…)")
+            self._encoder = enc
+        return self._encoder
+
+    def search_embedding(self, query: np.ndarray, k: int = 10, modality: str = "image", exclude: Optional[int] = None) -> list[Hit]:
+        from mmdata.index import search
+
+        index = self.index(modality)
+        q = np.asarray(query, dtype=np.float32).reshape(1, -1)
+        if q.shape[1] != index.d:
+            raise UserError(f"query has dimension {q.shape[1]}, the {modality} index {index.d}")
+        q /= max(float(np.linalg.norm(q)), 1e-12)
+        scores, ids = search(index, q, k + (1 if exclude is not None else 0))
+        hits = []
+        for score, id_ in zip(scores[0], ids[0]):
+            if id_ == -1 or id_ == exclude or len(hits) == k:
+                continue
+            r = self._by_id[int(id_)]
+            hits.append(Hit(len(hits) + 1, float(score), int(id_), r["key"], r["caption"], r["shard"], r["row"]))
+        return hits
+
+    def search_text(self, text: str, k: int = 10, modality: str = "image", **model) -> list[Hit]:
+        return self.search_embedding(self.encoder(**model).encode_texts([text])[0], k, modality)
+
+    def search_image(self, path: str, k: int = 10, modality: str = "image", **model) -> list[Hit]:
+        try:
+            im = Image.open(io.BytesIO(read_bytes(path)))
+            im.load()
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+            raise UserError(f"cannot read query image {path}: {exc}") from None
+        return self.search_embedding(self.encoder(**model).encode_images([to_rgb(im)])[0], k, modality)
+
+    def embedding_of(self, key: str, modality: str = "image") -> np.ndarray:
+        row = self._by_key.get(key)
+        if row is None:
+            raise UserError(f"unknown key {key!r} in {self.out.url}")
+        emb = np.load(io.BytesIO(self.out.read_bytes(f"embeddings/{modality}/{row['shard'][:-4]}.npy")))
+        return emb[row["row"]].astype(np.float32)
+
+    def search_key(self, key: str, k: int = 10, modality: str = "image") -> list[Hit]:
+        """Neighbours of a stored sample, itself excluded."""
+        self.index(modality)
+        return self.search_embedding(self.embedding_of(key, modality), k, modality, exclude=self._by_key[key]["id"])
