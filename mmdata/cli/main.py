@@ -26,6 +26,10 @@ def build(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file with any of these options"),
     engine: Optional[str] = typer.Option(None, help="local (default), dask or beam"),
     workers: Optional[int] = typer.Option(None, help="worker processes (default: cores)"),
+    dask_address: Optional[str] = typer.Option(None, help="--engine dask: scheduler address tcp://host:8786 (default: a LocalCluster of --workers)"),
+    dask_gpu_resource: Optional[str] = typer.Option(None, help="--engine dask: worker resource each unit holds, e.g. GPU"),
+    dask_retries: Optional[int] = typer.Option(None, help="--engine dask: retries of a unit that raised (default 3)"),
+    beam_options: Optional[List[str]] = typer.Option(None, "--beam-option", help="--engine beam: a pipeline option KEY=VALUE (repeatable), e.g. runner=FlinkRunner"),
     samples_per_shard: Optional[int] = typer.Option(None, help="records per work unit / shard (default 1000)"),
     image_size: Optional[int] = typer.Option(None, help="target size in pixels (default 256)"),
     resize_mode: Optional[str] = typer.Option(None, help="no | keep_ratio | center_crop | border"),
@@ -59,6 +63,7 @@ def build(
     from mmdata.build import build as run_build
     from mmdata.config import load_config
 
+    beam_options = beam_options or None  # no flag: keep the config file's
     overrides = {k: v for k, v in locals().items() if k not in ("config", "run_build", "load_config")}
     try:
         cfg = load_config(str(config) if config else None, **overrides)
@@ -112,6 +117,31 @@ def verify(out: str = typer.Argument(..., help="a build's output folder")) -> No
     if problems:
         raise typer.Exit(1)
     typer.echo(f"{out}: ok")
+
+
+@app.command()
+def embed(
+    out: str = typer.Argument(..., help="a finished build's output folder"),
+    model: str = typer.Option(..., help="open_clip model, e.g. ViT-B-32"),
+    pretrained: Optional[str] = typer.Option(None, help="open_clip tag or local checkpoint path"),
+    precision: Optional[str] = typer.Option(None, help="fp32 | fp16 | bf16"),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
+    embed_batch_size: Optional[int] = typer.Option(None, help="encoder batch size"),
+    embedding_dtype: Optional[str] = typer.Option(None, help="float16 | float32"),
+    fused: Optional[str] = typer.Option(None, help="'mean': also a fused embedding and index"),
+    index: Optional[bool] = typer.Option(None, "--index/--no-index", help="rebuild the indexes (default on)"),
+) -> None:
+    """Re-embed existing shards with another model (reads the tars; no rebuild), then re-index."""
+    from mmdata.reembed import reembed
+
+    try:
+        manifest = reembed(out, on_shard=lambda name, n: typer.echo(f"embedded {name}: {n} samples", err=True),
+                           model=model, pretrained=pretrained, precision=precision, device=device,
+                           embed_batch_size=embed_batch_size, embedding_dtype=embedding_dtype, fused=fused, index=index)
+    except UserError as err:
+        fail(str(err))
+    facts = manifest["embeddings"]["encoder"]
+    typer.echo(f"{out}: embeddings {', '.join(manifest['embeddings']['modalities'])} with {facts['model']}/{facts['pretrained']}")
 
 
 @app.command()
