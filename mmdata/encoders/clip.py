@@ -12,7 +12,6 @@ size (an OOM back-off changes it) or the device, as float reductions are blocked
 from __future__ import annotations
 
 import itertools
-import logging
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, TypeVar, Union
@@ -26,8 +25,6 @@ from mmdata.encoders.device import autocast, effective_precision, resolve_device
 from mmdata.encoders.loading import LoadedModel, load_model
 from mmdata.errors import UserError
 from mmdata.stages import Resources, Stage
-
-log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 

@@ -46,8 +46,11 @@ except ImportError:  # pragma: no cover - optional dependency of open_clip
         pass
 
 # What a broken user-supplied checkpoint can raise inside torch.load / load_state_dict.
-_CHECKPOINT_ERRORS = (RuntimeError, OSError, ValueError, KeyError, EOFError, StopIteration, TypeError,
-                      AttributeError, pickle.UnpicklingError, SafetensorError)
+_CHECKPOINT_ERRORS = (RuntimeError, OSError, ValueError, KeyError, EOFError, StopIteration,
+                      pickle.UnpicklingError, SafetensorError)
+# A tag's preprocessing → create_model_and_transforms' keyword for it.
+_PREPROCESS_KWARGS = {"mean": "image_mean", "std": "image_std", "interpolation": "image_interpolation",
+                      "resize_mode": "image_resize_mode"}
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,7 @@ class Weights:
     kind: Literal["random", "tag", "path"]
     label: str  # the tag, the absolute path, or "random"
     checkpoint: Optional[str] = None  # local file to load; None = random or download by open_clip
-    preprocess: dict = field(default_factory=dict)  # a tag's preprocessing (mean, std, resize mode)
+    preprocess: dict = field(default_factory=dict)  # a tag's preprocessing, as image_mean=... kwargs
 
 
 @dataclass
@@ -76,9 +79,8 @@ _LOCK = threading.Lock()
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else type(exc).__name__
-    return line if len(line) <= 240 else line[:237] + "..."
+    line = " ".join(part.strip() for part in str(exc).split("\n") if part.strip()) or type(exc).__name__
+    return line if len(line) <= 160 else line[:157] + "..."
 
 
 def _hub_offline() -> bool:
@@ -162,12 +164,13 @@ def resolve_weights(model: str, pretrained: Optional[str]) -> Weights:
         raise UserError(f"cannot load {model}: checkpoint {pretrained!r} not found; "
                         f"pass an existing checkpoint file to --pretrained")
     tags = open_clip.list_pretrained_tags_by_model(name)
+    known = ", ".join(tags[:6]) + (f", ... ({len(tags)} in all)" if len(tags) > 6 else "") if tags else "none"
     raise UserError(f"cannot load {model}: {pretrained!r} is neither a pretrained tag of this model "
-                    f"(known: {', '.join(tags) or 'none'}) nor a checkpoint file; pass a tag or a checkpoint path")
+                    f"(known: {known}) nor a checkpoint file; pass a tag or a checkpoint path")
 
 
 def _resolve_tag(model: str, tag: str, cfg: dict) -> Weights:
-    preprocess = {k: v for k, v in cfg.items() if k in ("mean", "std", "interpolation", "resize_mode", "fill_color")}
+    preprocess = {_PREPROCESS_KWARGS[k]: v for k, v in cfg.items() if k in _PREPROCESS_KWARGS and v is not None}
     if cfg.get("file"):
         return Weights("tag", tag, checkpoint=cfg["file"], preprocess=preprocess)
     cached = (_cached_hf_file(cfg["hf_hub"]) if cfg.get("hf_hub") else None) or \
@@ -234,10 +237,10 @@ def clear_model_cache() -> None:
 def _load(model: str, weights: Weights, device: str, precision: str, seed: int) -> LoadedModel:
     kwargs: dict[str, Any] = dict(device=device, precision="fp32")  # weights fp32; autocast at forward
     if weights.checkpoint:
-        kwargs.update(pretrained=weights.checkpoint, force_preprocess_cfg=weights.preprocess or None)
+        kwargs.update(pretrained=weights.checkpoint, **weights.preprocess)
     elif weights.kind == "tag" and not _has_schema(model):
         kwargs.update(pretrained=weights.label)
-    what = f"{model}/{weights.label}"
+    what = f"{model} from {weights.label}" if weights.kind == "path" else f"{model}/{weights.label}"
     try:
         if weights.kind == "random":
             # Seed only the CPU generator, and restore it after: deterministic weights, no global side effect.
@@ -247,9 +250,8 @@ def _load(model: str, weights: Weights, device: str, precision: str, seed: int) 
         else:
             net, _, preprocess = open_clip.create_model_and_transforms(model, **kwargs)
     except _CHECKPOINT_ERRORS as exc:
-        where = f"checkpoint {weights.checkpoint} is unreadable or does not match the model" \
-            if weights.checkpoint else "open_clip could not build it"
-        raise UserError(f"cannot load {what}: {where} ({_one_line(exc)}); "
+        why = "unreadable, or not a checkpoint of this model" if weights.checkpoint else "open_clip could not build it"
+        raise UserError(f"cannot load {what}: {why} ({_one_line(exc)}); "
                         f"pass a checkpoint saved from this model to --pretrained") from None
     try:
         tokenizer = open_clip.get_tokenizer(model)
