@@ -1,0 +1,134 @@
+"""The thin layer that talks to faiss: import, index construction, GPU moves, atomic writes.
+
+Everything faiss-specific that more than one module needs lives here, so the other modules read
+as the build recipe.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+INSTALL_HINT = (
+    "mmdata's index layer needs faiss: pip install 'mmdata[cpu]' (faiss-cpu) "
+    "or 'mmdata[gpu]' (faiss-gpu)"
+)
+
+
+def import_faiss() -> Any:
+    """Import faiss, or fail with an ImportError that names the extras to install."""
+    try:
+        import faiss  # noqa: PLC0415 - optional dependency, imported on first use
+    except ImportError as exc:
+        raise ImportError(INSTALL_HINT) from exc
+    return faiss
+
+
+def gpu_count(faiss: Any) -> int:
+    """GPUs faiss can use; 0 for faiss-cpu (which lacks or stubs get_num_gpus)."""
+    get = getattr(faiss, "get_num_gpus", None)
+    return int(get()) if get is not None else 0
+
+
+def resolve_gpu(faiss: Any, use_gpu: bool | str, index_key: str) -> bool:
+    """Decide whether to build on GPU. ``use_gpu``: True, False or "auto"."""
+    if use_gpu not in (True, False, "auto"):
+        raise ValueError(f"use_gpu must be True, False or 'auto', got {use_gpu!r}")
+    if use_gpu is False:
+        return False
+    supported = "HNSW" not in index_key.upper()
+    available = gpu_count(faiss) > 0
+    if use_gpu is True and not (available and supported):
+        why = "faiss sees no GPU" if not available else f"{index_key} has no GPU implementation"
+        raise ValueError(f"use_gpu=True but {why}; pass use_gpu='auto' or False")
+    return available and supported
+
+
+def new_index(faiss: Any, index_key: str, dim: int) -> Any:
+    """An empty inner-product index for ``index_key`` that accepts ``add_with_ids``.
+
+    IVF indexes store ids in their lists; anything else (Flat, HNSW) is wrapped in IndexIDMap.
+    """
+    index = faiss.index_factory(dim, index_key, faiss.METRIC_INNER_PRODUCT)
+    if faiss.try_extract_index_ivf(index) is None and not isinstance(index, faiss.IndexIDMap):
+        # let the factory build the wrapper so that it owns the inner index
+        index = faiss.index_factory(dim, f"IDMap,{index_key}", faiss.METRIC_INNER_PRODUCT)
+    return index
+
+
+def set_seed(faiss: Any, index: Any, seed: int) -> None:
+    """Seed every k-means the index runs in training (coarse quantizer, PQ codebooks)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        return
+    ivf.cp.seed = seed
+    ivf = faiss.downcast_index(ivf)
+    pq = getattr(ivf, "pq", None)
+    if pq is not None:
+        pq.cp.seed = seed
+
+
+def search_params_of(faiss: Any, index: Any) -> dict[str, int]:
+    """The tunable search parameter of this index and its current value ({} for Flat)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        return {"nprobe": int(ivf.nprobe)}
+    inner = index.index if isinstance(index, faiss.IndexIDMap) else index
+    inner = faiss.downcast_index(inner)
+    if isinstance(inner, faiss.IndexHNSW):
+        return {"efSearch": int(inner.hnsw.efSearch)}
+    return {}
+
+
+def params_string(params: dict[str, int]) -> str:
+    """``{"nprobe": 8}`` -> ``"nprobe=8"``, the syntax of faiss.ParameterSpace."""
+    return ",".join(f"{k}={v}" for k, v in sorted(params.items()))
+
+
+def apply_search_params(faiss: Any, index: Any, params: dict[str, int] | str) -> None:
+    """Set nprobe / efSearch, through IDMap and PreTransform wrappers."""
+    text = params if isinstance(params, str) else params_string(params)
+    if text:
+        faiss.ParameterSpace().set_index_parameters(index, text)
+
+
+def ivf_of(faiss: Any, index: Any) -> Any:
+    """The IndexIVF inside ``index`` (downcast), or None."""
+    ivf = faiss.try_extract_index_ivf(index)
+    return None if ivf is None else faiss.downcast_index(ivf)
+
+
+def gpu_train_helper(faiss: Any, index: Any) -> Any:
+    """Run the coarse k-means of a CPU IVF index on the GPU(s); returns the GPU helper to keep alive.
+
+    Training stays a CPU call (same seeds, same code path); only the assignment step of k-means
+    runs on the GPU, the way faiss' own large-scale scripts do it.
+    """
+    ivf = ivf_of(faiss, index)
+    if ivf is None:
+        return None
+    flat = faiss.IndexFlat(ivf.d, ivf.metric_type)
+    helper = faiss.index_cpu_to_all_gpus(flat)
+    ivf.clustering_index = helper
+    return helper
+
+
+def to_gpu(faiss: Any, index: Any) -> Any:
+    """Copy a trained CPU index onto all GPUs for adding."""
+    options = faiss.GpuMultipleClonerOptions()
+    ivf = ivf_of(faiss, index)
+    pq = getattr(ivf, "pq", None) if ivf is not None else None
+    # float32 lookup tables exceed GPU shared memory above 48 bytes per code
+    options.useFloat16 = bool(pq is not None and pq.M > 48)
+    return faiss.index_cpu_to_all_gpus(index, co=options)
+
+
+def write_index_atomic(faiss: Any, index: Any, path: str) -> int:
+    """Write ``index`` to ``path`` through a temporary name + fsync + rename; returns its size."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    faiss.write_index(index, tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return os.path.getsize(path)

@@ -1,0 +1,136 @@
+"""Search, exact ground truth, recall, and tuning of nprobe / efSearch to a recall target.
+
+Recall@k here is the overlap of the index's top-k ids with the exact (flat inner-product) top-k
+ids, averaged over queries: |found ∩ exact| / k. Recall@1 is the share of queries whose top id
+is the exact top id. Queries are a seeded sample of the indexed vectors themselves.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from mmdata.index.backend import apply_search_params, import_faiss, ivf_of
+from mmdata.index.sources import Corpus, gather_rows, iter_chunks, sample_positions
+
+QUERY_STREAM = 1  # rng stream for query sampling (training uses 0)
+DEFAULT_N_QUERIES = 1000
+SEARCH_BATCH = 4096
+EF_SEARCH_MAX = 4096
+PLATEAU = 0.002  # when the target is out of reach, the cheapest value within this of the best
+
+
+def search(index: Any, queries: np.ndarray, k: int, *, batch_size: int = SEARCH_BATCH) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` (scores, ids) for each query row; queries of any float dtype, searched in batches.
+
+    Missing results (fewer than ``k`` vectors reachable) have id -1.
+    """
+    queries = np.asarray(queries)
+    if queries.ndim == 1:
+        queries = queries[None, :]
+    if queries.ndim != 2 or queries.shape[1] != index.d:
+        raise ValueError(f"queries must have shape (nq, {index.d}), got {queries.shape}")
+    if k <= 0:
+        raise ValueError(f"k must be > 0, got {k}")
+    scores = np.empty((len(queries), k), dtype=np.float32)
+    ids = np.empty((len(queries), k), dtype=np.int64)
+    for start in range(0, len(queries), batch_size):
+        batch = np.ascontiguousarray(queries[start : start + batch_size], dtype=np.float32)
+        scores[start : start + len(batch)], ids[start : start + len(batch)] = index.search(batch, k)
+    return scores, ids
+
+
+def sample_queries(corpus: Corpus, n_queries: int, seed: int) -> np.ndarray:
+    """A deterministic sample of ``min(n_queries, n)`` indexed vectors, as float32 queries."""
+    queries, _ = gather_rows(corpus, sample_positions(corpus.n, n_queries, seed, QUERY_STREAM))
+    return queries
+
+
+def exact_knn(corpus: Corpus, queries: np.ndarray, k: int, chunk_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-``k`` (scores, ids) over the whole corpus, streamed chunk by chunk."""
+    faiss = import_faiss()
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    heap = faiss.ResultHeap(len(queries), k, keep_max=True)
+    for vectors, ids in iter_chunks(corpus, chunk_rows):
+        kk = min(k, len(vectors))
+        scores, rows = faiss.knn(queries, vectors, kk, metric=faiss.METRIC_INNER_PRODUCT)
+        heap.add_result(scores, ids[rows])
+    heap.finalize()
+    return heap.D, heap.I
+
+
+def recall_at(found: np.ndarray, truth: np.ndarray, k: int) -> float:
+    """Mean |top-k found ∩ top-k truth| / k; for k=1, the share of matching top ids."""
+    k = min(k, truth.shape[1])
+    f, t = found[:, :k], truth[:, :k]
+    hits = (f[:, :, None] == t[:, None, :]).any(axis=2) & (f != -1)  # -1: no result
+    return float(hits.sum() / (len(t) * k))
+
+
+def _knob(faiss: Any, index: Any, k: int) -> tuple[str, int, int] | None:
+    """(parameter name, smallest, largest) of the index's speed/recall knob; None for Flat."""
+    ivf = ivf_of(faiss, index)
+    if ivf is not None:
+        return "nprobe", 1, int(ivf.nlist)
+    inner = index.index if isinstance(index, faiss.IndexIDMap) else index
+    if isinstance(faiss.downcast_index(inner), faiss.IndexHNSW):
+        return "efSearch", max(k, 16), EF_SEARCH_MAX
+    return None
+
+
+def tune_search_params(
+    index: Any, queries: np.ndarray, truth_ids: np.ndarray, recall_target: float, k: int = 10
+) -> dict:
+    """Smallest nprobe / efSearch whose recall@k reaches ``recall_target``; sets it on ``index``.
+
+    Doubling finds a bracket, bisection the smallest passing value (recall is monotone in both
+    knobs up to noise). If even the largest value misses the target, the cheapest value within
+    PLATEAU of the best recall is kept and ``reached`` is False.
+    Returns {"params": {...}, "reached": bool, "curve": [[value, recall], ...]}.
+    """
+    faiss = import_faiss()
+    knob = _knob(faiss, index, k)
+    if knob is None:
+        found = search(index, queries, k)[1]
+        return {"params": {}, "reached": recall_at(found, truth_ids, k) >= recall_target, "curve": []}
+    name, lowest, highest = knob
+    curve: dict[int, float] = {}
+
+    def recall(value: int) -> float:
+        if value not in curve:
+            apply_search_params(faiss, index, {name: value})
+            curve[value] = recall_at(search(index, queries, k)[1], truth_ids, k)
+        return curve[value]
+
+    value, failing = lowest, None
+    while recall(value) < recall_target and value < highest:
+        failing, value = value, min(highest, value * 2)
+    reached = curve[value] >= recall_target
+    if reached and failing is not None:
+        lo, hi = failing, value  # recall(lo) < target <= recall(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if recall(mid) >= recall_target else (mid, hi)
+        value = hi
+    elif not reached:
+        best = max(curve.values())
+        value = min(v for v, r in curve.items() if r >= best - PLATEAU)
+    apply_search_params(faiss, index, {name: value})
+    return {"params": {name: value}, "reached": reached, "curve": [[v, round(r, 5)] for v, r in sorted(curve.items())]}
+
+
+def measure(index: Any, queries: np.ndarray, truth_ids: np.ndarray, k: int = 10) -> dict:
+    """Recall@1, recall@10 and batched ms per query of ``index`` with its current parameters.
+
+    ``k`` is 10 unless the corpus holds fewer vectors.
+    """
+    start = time.perf_counter()
+    found = search(index, queries, k)[1]
+    seconds = time.perf_counter() - start
+    return {
+        "recall_at_1": round(recall_at(found, truth_ids, 1), 5),
+        "recall_at_10": round(recall_at(found, truth_ids, k), 5),
+        "ms_per_query": round(1000 * seconds / len(queries), 5),
+        "n_queries": int(len(queries)),
+    }
