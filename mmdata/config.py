@@ -11,9 +11,10 @@ import os
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mmdata.errors import UserError
+from mmdata.transforms.audio_config import AudioConfig
 
 MODALITIES = ("image", "text", "audio")
 
@@ -59,6 +60,14 @@ class BuildConfig(BaseModel):
     max_caption_chars: int = Field(4096, ge=1, description="longer captions are truncated (recorded)")
     tokenize: bool = False
     tokenizer: str = Field("ViT-B-32", description="open_clip model whose tokenizer writes {key}.tokens.npy")
+    # audio: how clips and segments are stored (YAML ``audio:`` mapping; flat flags --sample-rate, --mel …)
+    audio: AudioConfig = Field(default_factory=AudioConfig)
+    # timed transcripts (.srt, .vtt, .json beside an audio file): one sample per segment
+    segment_pad: float = Field(0.0, ge=0, le=60, description="seconds of audio kept before and after each segment")
+    segment_offset: float = Field(0.0, ge=-86400, le=86400, description="seconds added to every transcript time")
+    min_segment: float = Field(0.0, ge=0, description="shorter segments merge with a neighbour (else filtered)")
+    max_segment: Optional[float] = Field(None, gt=0, description="longer segments are split at a pause (else filtered)")
+    max_merge_gap: float = Field(1.0, ge=0, description="seconds of silence across which short segments merge")
     # embeddings (an open_clip model; none by default)
     model: Optional[str] = Field(None, description="open_clip model for image/text embeddings, e.g. ViT-B-32")
     pretrained: Optional[str] = Field("laion2b_s34b_b79k", description="open_clip tag, local checkpoint path, or 'random' (tests)")
@@ -70,6 +79,8 @@ class BuildConfig(BaseModel):
     embedding_dtype: Literal["float16", "float32"] = "float16"
     embed_in_shards: bool = Field(False, description="also store {key}.<modality>_emb.npy in the samples")
     fused: Optional[Literal["mean"]] = Field(None, description="also write a fused embedding: mean of the modalities, renormalised")
+    audio_encoder: Optional[Literal["mel-stats", "clap"]] = Field(None, description="audio embeddings: mel-stats (no model) or clap")
+    clap_model: str = Field("laion/clap-htsat-unfused", description="CLAP hub id or local folder (--audio-encoder clap)")
     # index
     index: bool = Field(True, description="build a FAISS index per embedded modality at finalize")
     index_memory_gb: float = Field(4.0, gt=0)
@@ -82,6 +93,12 @@ class BuildConfig(BaseModel):
             return [v.strip() for v in value.split(",") if v.strip()]
         return value
 
+    @model_validator(mode="after")
+    def _check_segments(self) -> "BuildConfig":
+        if self.max_segment is not None and self.max_segment < self.min_segment:
+            raise ValueError("max_segment must be >= min_segment")
+        return self
+
     def content_dict(self) -> dict:
         """The fields that determine the output bytes."""
         return {k: v for k, v in self.model_dump(mode="json").items() if k not in RUNTIME_FIELDS}
@@ -93,10 +110,12 @@ class BuildConfig(BaseModel):
 
     @property
     def embedded_modalities(self) -> list[str]:
-        """Modalities written to embeddings/<modality>/ (``fused`` included when asked)."""
-        if not self.model:
-            return []
-        return sorted(self.embed) + (["fused"] if self.fused and len(self.embed) > 1 else [])
+        """Modalities written to embeddings/<modality>/ (``fused`` included when asked, ``audio``
+        with an audio encoder, which needs no open_clip model)."""
+        mods = []
+        if self.model:
+            mods = sorted(self.embed) + (["fused"] if self.fused and len(self.embed) > 1 else [])
+        return mods + (["audio"] if self.audio_encoder else [])
 
     @property
     def n_workers(self) -> int:
@@ -109,6 +128,24 @@ def _describe(err: ValidationError) -> str:
         field = ".".join(str(p) for p in e["loc"]) or "config"
         parts.append(f"{field}: {e['msg']}")
     return "; ".join(parts)
+
+
+_AUDIO_KEYS = frozenset(AudioConfig.model_fields) - frozenset(BuildConfig.model_fields)
+
+
+def _nest_audio(values: dict[str, Any], new: dict[str, Any]) -> None:
+    """Merge ``new`` over ``values``; flat AudioConfig keys (``sample_rate`` from a flag or a flat
+    YAML) move into the ``audio`` mapping, over what it already holds."""
+    values.update(new)
+    nested = values.get("audio")
+    if isinstance(nested, BaseModel):
+        nested = nested.model_dump()
+    flat = {k: values.pop(k) for k in list(values) if k in _AUDIO_KEYS}
+    if isinstance(nested, dict):
+        values["audio"] = {**{str(k).replace("-", "_"): v for k, v in nested.items()}, **flat}
+    elif nested is None and flat:
+        values["audio"] = flat
+    # else: ``audio`` is not a mapping, and pydantic names the field
 
 
 def load_config(path: Optional[str] = None, **overrides: Any) -> BuildConfig:
@@ -125,7 +162,8 @@ def load_config(path: Optional[str] = None, **overrides: Any) -> BuildConfig:
         if not isinstance(loaded, dict):
             raise UserError(f"config {path} must be a mapping of field: value")
         values.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
-    values.update({k: v for k, v in overrides.items() if v is not None})
+        _nest_audio(values, {})
+    _nest_audio(values, {k: v for k, v in overrides.items() if v is not None})
     try:
         return BuildConfig(**values)
     except ValidationError as exc:

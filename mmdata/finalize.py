@@ -32,6 +32,8 @@ def package_versions() -> dict[str, str]:
 
 
 def merge_stats(all_stats: list[dict]) -> dict:
+    """Counts are rows (``inputs``: a record split by its transcript is one row per segment);
+    ``records`` is how many records of the plan they account for."""
     counts: Counter = Counter()
     reasons: dict[str, Counter] = {"filtered": Counter(), "failed": Counter()}
     seconds: Counter = Counter()
@@ -41,20 +43,47 @@ def merge_stats(all_stats: list[dict]) -> dict:
             reasons[status].update(by_reason)
         seconds.update(stats.get("seconds", {}))
     return {
+        "records": counts["records"],
         "counts": {k: counts[k] for k in ("inputs", "written", "filtered", "failed")},
         "reasons": {k: dict(sorted(v.items())) for k, v in reasons.items()},
         "stage_seconds": {k: round(v, 3) for k, v in sorted(seconds.items())},
     }
 
 
-def embeddings_facts(config: BuildConfig, all_stats: list[dict]) -> dict:
-    """The model behind the embeddings; every unit must have used the same one."""
-    facts = [s["encoder"] for s in all_stats if "encoder" in s]
+def _same(all_stats: list[dict], name: str) -> dict | None:
+    facts = [s[name] for s in all_stats if name in s]
     if any(f != facts[0] for f in facts):
         raise UserError("units were embedded with different models; rebuild with --overwrite")
-    dim = facts[0]["embed_dim"] if facts else None
-    return {"encoder": facts[0] if facts else None, "modalities": config.embedded_modalities,
-            "dtype": config.embedding_dtype, "dim": dim, "l2_normalised": True}
+    return facts[0] if facts else None
+
+
+def embeddings_facts(config: BuildConfig, all_stats: list[dict]) -> dict:
+    """The models behind the embeddings (open_clip for image/text/fused, ``audio_encoder`` for
+    audio, each with its dimension); every unit must have used the same ones."""
+    facts = _same(all_stats, "encoder")
+    out = {"encoder": facts, "modalities": config.embedded_modalities, "dtype": config.embedding_dtype,
+           "dim": facts["embed_dim"] if facts else None, "l2_normalised": True}
+    if config.audio_encoder:
+        audio = _same(all_stats, "audio_encoder")
+        out.update(audio_encoder=audio, audio_dim=audio["dim"] if audio else None)
+    return out
+
+
+def audio_facts(config: BuildConfig, all_stats: list[dict]) -> dict:
+    """How the audio members were made: the AudioConfig, log-mel parameters, totals."""
+    cfg = config.audio
+    facts = {"config": cfg.model_dump(mode="json"), "flac": {"bits": 16, "sample_rate": cfg.sample_rate or "source"},
+             "samples": sum(s.get("audio", {}).get("samples", 0) for s in all_stats),
+             "seconds": round(sum(s.get("audio", {}).get("seconds", 0.0) for s in all_stats), 3),
+             "segments": {k: getattr(config, k) for k in ("segment_pad", "segment_offset", "min_segment", "max_segment",
+                                                          "max_merge_gap")}}
+    if cfg.mel:
+        from mmdata.transforms.audio import mel_params
+
+        facts["mel"] = mel_params(cfg, cfg.sample_rate or 0)
+        if cfg.sample_rate is None:  # the source rate of each clip
+            facts["mel"].update(sample_rate="source", fmax=cfg.fmax if cfg.fmax is not None else "sample_rate / 2")
+    return facts
 
 
 def finalize(config: BuildConfig, out: OutputDir, units: list[Unit], wall_seconds: float) -> dict:
@@ -64,8 +93,8 @@ def finalize(config: BuildConfig, out: OutputDir, units: list[Unit], wall_second
         stats = read_committed(out, unit.name, config.config_hash, config.embedded_modalities)
         if stats is None:
             raise UserError(f"unit {unit.name} is not committed; run the build again to finish it")
-        if stats["counts"]["inputs"] != len(unit.records):
-            raise UserError(f"unit {unit.name} accounts for {stats['counts']['inputs']} of {len(unit.records)} records")
+        if stats["counts"].get("records") != len(unit.records):
+            raise UserError(f"unit {unit.name} accounts for {stats['counts'].get('records')} of {len(unit.records)} records")
         all_stats.append(stats)
     sizes = {s["shard"]: s["counts"]["written"] for s in all_stats}
     out.write_bytes("shards/sizes.json", json.dumps(sizes, indent=1, sort_keys=True).encode())
@@ -83,6 +112,8 @@ def finalize(config: BuildConfig, out: OutputDir, units: list[Unit], wall_second
         "timings": {"wall_seconds": round(wall_seconds, 3), "samples_per_second": round(c["inputs"] / max(wall_seconds, 1e-9), 2)},
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if any(s.get("audio", {}).get("samples") for s in all_stats):
+        manifest["audio"] = audio_facts(config, all_stats)
     if config.embedded_modalities:
         manifest["embeddings"] = embeddings_facts(config, all_stats)
         if config.index:

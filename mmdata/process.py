@@ -1,16 +1,19 @@
-"""One record through the per-sample transforms: read → pair → image → text → metadata.
+"""One record through the per-sample transforms: read → pair → text → image → audio → metadata.
 
-Returns the record's parquet row and, when it is written, the members of its tar sample. Every
-outcome is explicit: ``written``, or ``filtered`` / ``failed`` with a reason.
+Returns the record's parquet rows and, for those written, the members of their tar samples: one
+sample per record, except a recording with a timed transcript, which becomes one sample per
+segment (:mod:`mmdata.audio_samples`). Every outcome is explicit: ``written``, or ``filtered`` /
+``failed`` with a reason; a record that fails before it is split is one row.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from PIL import Image
 
@@ -31,6 +34,10 @@ class Sample:
     members: dict[str, bytes] = field(default_factory=dict)
     caption: Optional[str] = None
     image: Optional[Image.Image] = None  # kept only when an encoder will embed it
+    audio: Optional[tuple[Any, int]] = None  # (samples, rate), kept only until an audio encoder embeds it
+    audio_embedding: Any = None  # the audio encoder's row for this sample
+    meta: dict = field(default_factory=dict)  # the json member's "meta": manifest columns and .json metadata
+    doc: dict = field(default_factory=dict)  # further top-level fields of the json member (segments: start, end …)
 
 
 class Timer:
@@ -56,7 +63,7 @@ def image_options(config: BuildConfig) -> ImageOptions:
     )
 
 
-def _read(url: str, modality: str) -> bytes:
+def read_source(url: str, modality: str) -> bytes:
     try:
         return read_bytes(url)
     except (OSError, ValueError) as exc:
@@ -71,9 +78,45 @@ def base_row(record: Record) -> dict:
         "source_image": record.sources.get("image"),
         "source_text": record.sources.get("text"),
         "source_json": record.sources.get("json"),
+        "source_audio": record.sources.get("audio"),
         "source_bytes": 0,
         "meta": json.dumps(record.meta, sort_keys=True, default=str) if record.meta else None,
     }
+
+
+def mark_not_written(sample: Sample, err: SampleError) -> Sample:
+    """Record ``err`` as the sample's outcome and drop what it was carrying."""
+    sample.row.update(status=err.status, reason=err.reason)
+    sample.members, sample.image, sample.audio = {}, None, None
+    if err.detail:
+        sample.row["warnings"].append(f"detail:{err.detail[:200]}")
+    return sample
+
+
+# Row columns repeated in an audio sample's json member when they are set.
+AUDIO_DOC_FIELDS = ("parent_key", "start", "end", "clip_start", "clip_end", "duration", "sample_rate", "channels",
+                    "audio_sha256")
+
+
+def write_json(sample: Sample) -> None:
+    """The sample's ``json`` member: ids, sources, image and audio facts, metadata, caption."""
+    record, row = sample.record, sample.row
+    doc = {
+        "key": row["key"],
+        "id": row["id"],
+        "sources": record.sources,
+        "width": row.get("width"),
+        "height": row.get("height"),
+        "original_width": row.get("orig_width"),
+        "original_height": row.get("orig_height"),
+        "image_sha256": row.get("image_sha256"),
+        "meta": sample.meta,
+    }
+    doc.update({k: row[k] for k in AUDIO_DOC_FIELDS if row.get(k) is not None})
+    doc.update(sample.doc)
+    if sample.caption is not None:
+        doc["caption"] = sample.caption
+    sample.members["json"] = json.dumps(doc, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8")
 
 
 class RecordProcessor:
@@ -83,38 +126,68 @@ class RecordProcessor:
         self.config = config
         self.image = ImageTransform(image_options(config))
         self.keep_images = "image" in config.embedded_modalities
+        self._audio = None
 
-    def check_pairing(self, record: Record) -> None:
+    @property
+    def audio(self):
+        """The audio stage, built on the first record with audio (it needs the ``audio`` extra)."""
+        if self._audio is None:
+            from mmdata.audio_samples import AudioStage
+
+            self._audio = AudioStage(self.config)
+        return self._audio
+
+    def check_pairing(self, record: Record, text_from_transcript: bool = False) -> None:
         if record.problem:
             kind = "filtered" if record.problem.startswith("unsupported:") else "failed"
             raise (SampleFiltered if kind == "filtered" else SampleFailed)(record.problem)
-        has = {"image": "image" in record.sources, "text": "text" in record.sources or record.caption is not None,
+        has = {"image": "image" in record.sources,
+               "text": "text" in record.sources or record.caption is not None or text_from_transcript,
                "audio": "audio" in record.sources}
         for modality in self.config.require:
             if not has[modality]:
                 raise SampleFiltered(f"missing:{modality}")
 
-    def __call__(self, record: Record, timer: Timer) -> Sample:
+    def __call__(self, record: Record, timer: Timer) -> list[Sample]:
+        """The record's samples: one, or one per transcript segment."""
         sample = Sample(record, base_row(record))
         try:
-            self.check_pairing(record)
-            self._text(sample, timer)
-            self._image(sample, timer)
-            self._json(sample, timer)
+            return self._process(sample, timer)
         except SampleError as err:
-            sample.row.update(status=err.status, reason=err.reason)
-            sample.members, sample.image = {}, None
-            if err.detail:
-                sample.row["warnings"].append(f"detail:{err.detail[:200]}")
-            return sample
-        sample.row.update(status="written", reason=None)
-        return sample
+            return [mark_not_written(sample, err)]
 
-    def _text(self, sample: Sample, timer: Timer) -> None:
+    def _process(self, sample: Sample, timer: Timer) -> list[Sample]:
+        record = sample.record
+        audio = "audio" in record.sources
+        self.check_pairing(record, text_from_transcript=audio and ("transcript" in record.sources or "json" in record.sources))
+        transcript = None
+        if audio:  # a .json beside audio may be its transcript: read it now, once
+            json_data = self._read_json(sample)
+            transcript = self.audio.find_transcript(sample, json_data)
+            if transcript is None:
+                self.check_pairing(record)  # the .json is metadata: it brings no text
+            elif transcript.ext == "json":
+                json_data = None
+        elif "transcript" in record.sources:
+            sample.row["warnings"].append("ignored:" + posixpath.basename(record.sources["transcript"]))
+        self._text(sample, timer, recording=transcript is not None)
+        self._image(sample, timer)
+        self._meta(sample, json_data if audio else self._read_json(sample))
+        if transcript is not None:
+            return self.audio.segments(sample, transcript, timer)
+        if audio:
+            self.audio.clip(sample, timer)
+        write_json(sample)
+        sample.row.update(status="written", reason=None)
+        return [sample]
+
+    def _text(self, sample: Sample, timer: Timer, recording: bool = False) -> None:
+        """The caption. For a recording split by its transcript (``recording``), a .txt beside it
+        describes the whole recording: it goes into every segment's json as ``recording_caption``."""
         record = sample.record
         start = time.perf_counter()
         if "text" in record.sources:
-            data = _read(record.sources["text"], "text")
+            data = read_source(record.sources["text"], "text")
             sample.row["source_bytes"] += len(data)
             sample.row["text_sha256"] = hashlib.sha256(data).hexdigest()
             text, warnings = decode_text(data)
@@ -125,6 +198,10 @@ class RecordProcessor:
         caption, more = clean_caption(text, self.config.max_caption_chars)
         sample.row["warnings"] += warnings + more
         timer.add("text", start)
+        if recording:
+            if caption:
+                sample.doc["recording_caption"] = caption
+            return
         if len(caption) < max(self.config.min_caption_chars, 1):
             if "text" in self.config.require:
                 raise SampleFiltered("empty:text", f"{len(caption)} characters after cleaning")
@@ -139,7 +216,7 @@ class RecordProcessor:
         if url is None:
             return
         start = time.perf_counter()
-        data = _read(url, "image")
+        data = read_source(url, "image")
         timer.add("read", start)
         sample.row["source_bytes"] += len(data)
         sample.row["image_sha256"] = hashlib.sha256(data).hexdigest()
@@ -162,29 +239,20 @@ class RecordProcessor:
         if self.keep_images:
             sample.image = result.image
 
-    def _json(self, sample: Sample, timer: Timer) -> None:
-        record = sample.record
-        extra = dict(record.meta)
-        if "json" in record.sources:
-            data = _read(record.sources["json"], "json")
-            sample.row["source_bytes"] += len(data)
-            try:
-                loaded = json.loads(data.decode("utf-8-sig"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise SampleFailed("decode:json", str(exc)) from None
-            extra.update(loaded if isinstance(loaded, dict) else {"json": loaded})
-        row = sample.row
-        doc = {
-            "key": record.key,
-            "id": record.id,
-            "sources": record.sources,
-            "width": row.get("width"),
-            "height": row.get("height"),
-            "original_width": row.get("orig_width"),
-            "original_height": row.get("orig_height"),
-            "image_sha256": row.get("image_sha256"),
-            "meta": extra,
-        }
-        if sample.caption is not None:
-            doc["caption"] = sample.caption
-        sample.members["json"] = json.dumps(doc, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8")
+    def _read_json(self, sample: Sample) -> Optional[bytes]:
+        if "json" not in sample.record.sources:
+            return None
+        data = read_source(sample.record.sources["json"], "json")
+        sample.row["source_bytes"] += len(data)
+        return data
+
+    def _meta(self, sample: Sample, json_data: Optional[bytes]) -> None:
+        """Manifest columns and the .json sidecar's fields: the json member's ``meta``."""
+        sample.meta = dict(sample.record.meta)
+        if json_data is None:
+            return
+        try:
+            loaded = json.loads(json_data.decode("utf-8-sig"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise SampleFailed("decode:json", str(exc)) from None
+        sample.meta.update(loaded if isinstance(loaded, dict) else {"json": loaded})

@@ -41,6 +41,25 @@ SHARD_SCHEMA = pa.schema(
         pa.field("reencoded", pa.bool_()),
         pa.field("caption", pa.string()),
         pa.field("meta", pa.string()),
+        # audio (null for samples without audio)
+        pa.field("parent_key", pa.string()),
+        pa.field("source_audio", pa.string()),
+        pa.field("source_transcript", pa.string()),
+        pa.field("audio_sha256", pa.string()),
+        pa.field("audio_container", pa.string()),
+        pa.field("source_sample_rate", pa.int32()),
+        pa.field("source_channels", pa.int32()),
+        pa.field("source_duration", pa.float64()),
+        pa.field("segment_index", pa.int32()),
+        pa.field("segment_part", pa.int32()),
+        pa.field("start", pa.float64()),
+        pa.field("end", pa.float64()),
+        pa.field("clip_start", pa.float64()),
+        pa.field("clip_end", pa.float64()),
+        pa.field("duration", pa.float64()),
+        pa.field("sample_rate", pa.int32()),
+        pa.field("channels", pa.int32()),
+        pa.field("audio_bytes", pa.int64()),
     ]
 )
 

@@ -6,6 +6,7 @@ Per-process state (transforms, tokenizer, models) is built once and cached by co
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections import Counter
@@ -13,8 +14,10 @@ from typing import Optional
 
 from mmdata import __version__
 from mmdata.config import BuildConfig
-from mmdata.embedding import embed_samples, make_encoder, npy_bytes
-from mmdata.process import RecordProcessor, Sample, Timer
+from mmdata.embedding import (AudioEmbedder, audio_encoder_facts, embed_samples, make_audio_encoder, make_encoder,
+                              npy_bytes)
+from mmdata.keys import key_to_id, sanitize_key
+from mmdata.process import RecordProcessor, Sample, Timer, write_json
 from mmdata.records import Unit
 from mmdata.schema import SHARD_SCHEMA
 from mmdata.storage import OutputDir
@@ -36,6 +39,7 @@ class UnitContext:
         self.processor = RecordProcessor(config)
         self.tokenizer = get_tokenizer(config.tokenizer) if config.tokenize else None
         self.encoder = make_encoder(config) if config.model else None
+        self.audio_encoder = make_audio_encoder(config)
 
 
 def get_context(config: BuildConfig) -> UnitContext:
@@ -76,7 +80,15 @@ def run_unit(config: BuildConfig, unit: Unit) -> dict:
         return {**committed, "skipped": True}
     started = time.time()
     timer = Timer()
-    samples: list[Sample] = [ctx.processor(record, timer) for record in unit.records]
+    audio_embedder = AudioEmbedder(ctx.audio_encoder, config.embed_batch_size) if ctx.audio_encoder else None
+    samples: list[Sample] = []
+    for record in unit.records:
+        produced = ctx.processor(record, timer)  # one sample, or one per transcript segment
+        if audio_embedder is not None:
+            for s in produced:
+                audio_embedder.add(s, timer)
+        samples.extend(produced)
+    samples = in_key_order(samples)
     written = [s for s in samples if s.row["status"] == "written"]
     if ctx.tokenizer is not None:
         t0 = time.perf_counter()
@@ -97,9 +109,14 @@ def run_unit(config: BuildConfig, unit: Unit) -> dict:
                 for s, vec in zip(written, rows):
                     s.members[f"{modality}_emb.npy"] = npy_bytes(vec, config.embedding_dtype)
         timer.add("embed", t0)
+    if audio_embedder is not None:
+        embeddings["audio"] = audio_embedder.rows(written, timer)
+        if config.embed_in_shards:
+            for s, vec in zip(written, embeddings["audio"]):
+                s.members["audio_emb.npy"] = npy_bytes(vec, config.embedding_dtype)
     t0 = time.perf_counter()
     with ctx.out.atomic_open(files["tar"]) as fh:
-        write_tar(fh, ((s.record.key, s.members) for s in written))
+        write_tar(fh, ((s.row["key"], s.members) for s in written))
         tar_bytes = fh.tell()
     ctx.out.write_bytes(files["parquet"], table_bytes([s.row for s in samples], SHARD_SCHEMA))
     for modality, rows in embeddings.items():
@@ -108,13 +125,33 @@ def run_unit(config: BuildConfig, unit: Unit) -> dict:
     stats = unit_stats(unit, config, samples, timer, started, tar_bytes)
     if ctx.encoder is not None:
         stats["encoder"] = {k: v for k, v in ctx.encoder.info().items() if k in ENCODER_FACTS}
+    if ctx.audio_encoder is not None:
+        stats["audio_encoder"] = audio_encoder_facts(ctx.audio_encoder)
+    if embeddings:
         stats["embeddings"] = {m: {"rows": len(written), "dtype": config.embedding_dtype} for m in embeddings}
     ctx.out.write_bytes(files["stats"], json.dumps(stats, indent=1, sort_keys=True).encode())
     return stats
 
 
+def in_key_order(samples: list[Sample]) -> list[Sample]:
+    """The unit's samples sorted by key (segments sit among the records). A segment key that
+    equals another sample's key (a file literally named ``cat_s0001`` beside ``cat.wav`` + ``cat.srt``)
+    gets a suffix hashed from its parent's key."""
+    samples = sorted(samples, key=lambda s: s.row["key"])
+    seen = Counter(s.row["key"] for s in samples)
+    for s in samples:
+        if seen[s.row["key"]] > 1 and s.row.get("parent_key"):
+            seen[s.row["key"]] -= 1
+            key = sanitize_key(f"{s.row['key']}_{hashlib.blake2b(s.row['parent_key'].encode(), digest_size=4).hexdigest()}")
+            s.row.update(key=key, id=key_to_id(key))
+            if "json" in s.members:
+                write_json(s)
+    return sorted(samples, key=lambda s: s.row["key"])
+
+
 def unit_stats(unit: Unit, config: BuildConfig, samples: list[Sample], timer: Timer, started: float, tar_bytes: int) -> dict:
     status = Counter(s.row["status"] for s in samples)
+    audio = [s.row["duration"] for s in samples if s.row["status"] == "written" and s.row.get("duration") is not None]
     reasons: dict[str, Counter] = {"filtered": Counter(), "failed": Counter()}
     for s in samples:
         if s.row["status"] in reasons:
@@ -125,12 +162,14 @@ def unit_stats(unit: Unit, config: BuildConfig, samples: list[Sample], timer: Ti
         "config_hash": config.config_hash,
         "mmdata_version": __version__,
         "counts": {
+            "records": len(unit.records),
             "inputs": len(samples),
             "written": status["written"],
             "filtered": status["filtered"],
             "failed": status["failed"],
         },
         "reasons": {k: dict(sorted(v.items())) for k, v in reasons.items()},
+        "audio": {"samples": len(audio), "seconds": round(sum(audio), 3)},
         "tar_bytes": tar_bytes,
         "seconds": {k: round(v, 4) for k, v in sorted(timer.seconds.items())},
         "wall_seconds": round(time.time() - started, 4),

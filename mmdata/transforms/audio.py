@@ -14,14 +14,14 @@ import shutil
 import struct
 import subprocess
 import tempfile
-from typing import Literal, Optional
+from typing import Optional
 
 import numpy as np
 import soundfile as sf
 import soxr
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mmdata.errors import SampleFailed, SampleFiltered
+from mmdata.transforms.audio_config import AudioConfig  # noqa: F401  (defined apart: config.py needs it without soundfile)
 
 # Containers libsndfile reads; anything else goes to ffmpeg.
 SOUNDFILE_CONTAINERS = frozenset({"wav", "flac", "ogg", "mp3", "aiff", "caf", "au", "w64"})
@@ -36,38 +36,6 @@ _SILENCE_PEAK = 1e-6  # ~ -120 dBFS: with trim_silence on, a clip whose peak is 
 _FFMPEG_TIMEOUT_S = 600
 _READ_BLOCK = 1 << 18  # frames per soundfile read
 _UNKNOWN_FRAMES = 1 << 40
-
-
-class AudioConfig(BaseModel):
-    """How audio is turned into training samples. Every field changes the output bytes."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    sample_rate: Optional[int] = Field(16000, ge=1000, le=768000, description="target rate; None keeps the source rate")
-    resample_quality: Literal["HQ", "VHQ"] = "HQ"
-    mono: bool = Field(True, description="downmix to one channel (mean of channels); False keeps channels")
-    normalize: Literal["none", "peak", "loudness"] = "none"
-    peak_db: float = Field(-1.0, le=0.0, description="peak target (peak) / peak ceiling (loudness), dBFS")
-    target_lufs: float = Field(-23.0, le=0.0, description="integrated loudness target (EBU R128: -23)")
-    trim_silence: bool = False
-    top_db: float = Field(60.0, gt=0.0, description="trim: frames this far below the clip's peak are silence")
-    min_duration: float = Field(0.0, ge=0.0, description="seconds, after trimming; shorter clips are filtered")
-    max_duration: Optional[float] = Field(None, gt=0.0, description="seconds, after trimming")
-    long_clips: Literal["cut", "filter"] = Field("filter", description="clips over max_duration: keep the head or filter")
-    mel: bool = Field(False, description="write {key}.mel.npy (float16 log-mel, [n_mels, frames])")
-    n_mels: int = Field(80, ge=1, le=512)
-    n_fft: int = Field(400, ge=16)
-    hop_length: int = Field(160, ge=1)
-    fmin: float = Field(0.0, ge=0.0)
-    fmax: Optional[float] = Field(None, gt=0.0, description="None: half the sample rate")
-
-    @model_validator(mode="after")
-    def _check_ranges(self) -> "AudioConfig":
-        if self.max_duration is not None and self.max_duration < self.min_duration:
-            raise ValueError("max_duration must be >= min_duration")
-        if self.fmax is not None and self.fmax <= self.fmin:
-            raise ValueError("fmax must be > fmin")
-        return self
 
 
 # --------------------------------------------------------------------------------------- decode

@@ -1,0 +1,199 @@
+"""Audio in the unit of work: a clip becomes ``{key}.flac`` (and ``{key}.mel.npy``); a recording
+with a timed transcript (.srt, .vtt, or a .json that reads as one) becomes one sample per segment,
+keyed ``{key}_s0003`` (``plan_segments`` decides merges, splits and what is filtered).
+
+The recording is decoded once, downmixed and resampled once, then cut; each segment then goes
+through the same clip policy as a whole file (trim, duration limits, normalisation). Row times are
+seconds in the source recording: ``start``/``end`` are the transcript's (plus ``segment_offset``),
+``clip_start``/``clip_end`` the part the ``flac`` member holds (padding, clipping, trimming applied).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from mmdata.config import BuildConfig
+from mmdata.errors import SampleError, SampleFiltered, UserError
+from mmdata.keys import key_to_id, sanitize_key
+from mmdata.process import Sample, Timer, mark_not_written, read_source, write_json
+from mmdata.transforms.text import clean_caption
+
+try:
+    from mmdata.sources.transcripts import PlannedSegment, cut, parse_transcript, plan_segments
+    from mmdata.transforms.audio import decode_audio, downmix, encode_flac, log_mel, process_audio, resample
+except ImportError as _exc:  # soundfile, soxr, librosa, srt, webvtt-py: the 'audio' extra
+    _MISSING: Optional[ImportError] = _exc
+else:
+    _MISSING = None
+
+
+@dataclass(frozen=True)
+class Transcript:
+    url: str
+    ext: str
+    segments: list  # mmdata.sources.transcripts.Segment, in transcript order
+
+
+def looks_like_transcript(doc: Any) -> bool:
+    """A Whisper object (``segments``) or a list of objects with times: a transcript, not metadata."""
+    if isinstance(doc, dict):
+        return "segments" in doc
+    return (isinstance(doc, list) and bool(doc) and all(isinstance(x, dict) for x in doc)
+            and any("start" in x or "end" in x for x in doc))
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+class AudioStage:
+    """Decodes, cuts and encodes the audio of one configuration (built once per worker process)."""
+
+    def __init__(self, config: BuildConfig):
+        if _MISSING is not None:
+            raise UserError(f"records with audio need the 'audio' extra (pip install 'mmdata[audio]'): {_MISSING}")
+        self.config = config
+        self.cfg = config.audio
+        self.keep_audio = config.audio_encoder is not None
+        self.require_audio = "audio" in config.require
+
+    # ----------------------------------------------------------------------------- transcript
+
+    def find_transcript(self, sample: Sample, json_data: Optional[bytes]) -> Optional[Transcript]:
+        """The record's timed transcript, parsed (``SampleFailed`` when it cannot be), or None."""
+        record, row = sample.record, sample.row
+        url = record.sources.get("transcript")
+        if url is not None:
+            data = read_source(url, "transcript")
+            row["source_bytes"] += len(data)
+        elif json_data is not None and _is_transcript_json(json_data):
+            url, data = record.sources["json"], json_data
+            row["source_json"] = None
+        else:
+            return None
+        ext = posixpath.splitext(url)[1].lstrip(".").lower()
+        row["source_transcript"] = url
+        return Transcript(url, ext, parse_transcript(data, ext))
+
+    # ---------------------------------------------------------------------------------- audio
+
+    def decode(self, sample: Sample, timer: Timer) -> tuple[np.ndarray, int]:
+        """Read and decode the record's audio; source facts go into the row."""
+        url, row = sample.record.sources["audio"], sample.row
+        t0 = time.perf_counter()
+        data = read_source(url, "audio")
+        timer.add("read", t0)
+        row["source_bytes"] += len(data)
+        row["audio_sha256"] = hashlib.sha256(data).hexdigest()
+        t0 = time.perf_counter()
+        try:
+            samples, sr, info = decode_audio(data, posixpath.splitext(url)[1])
+        finally:
+            timer.add("audio_decode", t0)
+        row.update(audio_container=info["container"], source_sample_rate=sr, source_channels=info["channels"],
+                   source_duration=info["duration"])
+        if info["ext_mismatch"]:
+            row["warnings"].append(f"ext_mismatch:audio:{info['container']}")
+        return samples, sr
+
+    def clip(self, sample: Sample, timer: Timer) -> None:
+        """A whole file as one clip. A clip the policy filters drops the audio (warning
+        ``audio_dropped:<reason>``) unless audio is required."""
+        samples, sr = self.decode(sample, timer)
+        t0 = time.perf_counter()
+        try:
+            y, info = process_audio(samples, sr, self.cfg)
+        except SampleFiltered as err:
+            if self.require_audio:
+                raise
+            sample.row["warnings"].append(f"audio_dropped:{err.reason}")
+            return
+        finally:
+            timer.add("audio", t0)
+        self._store(sample, y, info["sample_rate"], info.get("trimmed", [0.0])[0], timer)
+
+    def _store(self, sample: Sample, y: np.ndarray, sr: int, clip_start: float, timer: Timer) -> None:
+        """The ``flac`` (and ``mel.npy``) members and the output facts of processed audio ``y``."""
+        duration = len(y) / sr
+        t0 = time.perf_counter()
+        flac = encode_flac(y, sr)
+        timer.add("flac", t0)
+        sample.members["flac"] = flac
+        sample.row.update(sample_rate=sr, channels=1 if y.ndim == 1 else int(y.shape[1]), duration=duration,
+                          clip_start=clip_start, clip_end=clip_start + duration, audio_bytes=len(flac))
+        if self.cfg.mel:
+            t0 = time.perf_counter()
+            sample.members["mel.npy"] = npy_bytes(log_mel(y, sr, self.cfg))
+            timer.add("mel", t0)
+        if self.keep_audio:
+            sample.audio = (y, sr)
+
+    # ------------------------------------------------------------------------------- segments
+
+    def segments(self, parent: Sample, transcript: Transcript, timer: Timer) -> list[Sample]:
+        """One sample per planned segment (written or filtered with its reason), in key order.
+        A recording that cannot be decoded raises, and stays one failed row."""
+        cfg, conf = self.cfg, self.config
+        samples, sr = self.decode(parent, timer)
+        t0 = time.perf_counter()
+        x = downmix(samples) if cfg.mono else samples
+        del samples
+        out_sr = cfg.sample_rate or sr
+        x = resample(x, sr, out_sr, cfg.resample_quality)
+        plan = plan_segments(transcript.segments, len(x) / out_sr, offset=conf.segment_offset, pad=conf.segment_pad,
+                             min_segment=conf.min_segment, max_segment=conf.max_segment,
+                             max_merge_gap=conf.max_merge_gap, samples=x, sample_rate=out_sr)
+        timer.add("audio", t0)
+        return [self._segment(parent, p, x, out_sr, timer) for p in plan]
+
+    def _segment(self, parent: Sample, p: "PlannedSegment", x: np.ndarray, sr: int, timer: Timer) -> Sample:
+        record, conf = parent.record, self.config
+        key = sanitize_key(p.key(record.key))  # ≤ 128 characters (a hash suffix when longer)
+        row = {**parent.row, "key": key, "id": key_to_id(key), "parent_key": record.key,
+               "warnings": list(parent.row["warnings"]), "segment_index": p.index, "segment_part": p.part,
+               "start": p.start, "end": p.end}
+        doc = {**parent.doc, "source": record.sources["audio"], "transcript": row["source_transcript"],
+               "pad": conf.segment_pad, "offset": conf.segment_offset, "segment_indices": list(p.indices)}
+        if not p.text_exact:
+            doc["text_exact"] = False  # split without word timings: the text was shared out by time
+        child = Sample(record, row, members={k: v for k, v in parent.members.items() if k != "json"},
+                       image=parent.image, meta=parent.meta, doc=doc)
+        caption, warnings = clean_caption(p.text, conf.max_caption_chars)
+        row["caption"] = caption or None
+        try:
+            if not p.ok:
+                raise SampleFiltered(p.reason, p.detail)
+            row["warnings"] += warnings
+            if len(caption) < max(conf.min_caption_chars, 1):
+                raise SampleFiltered("empty:text", f"{len(caption)} characters after cleaning")
+            t0 = time.perf_counter()
+            i0 = min(len(x), max(0, int(round(p.cut_start * sr))))
+            try:
+                y, info = process_audio(cut(x, sr, p.cut_start, p.cut_end), sr, self.cfg)
+            finally:
+                timer.add("audio", t0)
+        except SampleError as err:
+            return mark_not_written(child, err)
+        child.caption = caption
+        child.members["txt"] = caption.encode("utf-8")
+        self._store(child, y, sr, i0 / sr + info.get("trimmed", [0.0])[0], timer)
+        write_json(child)
+        row.update(status="written", reason=None)
+        return child
+
+
+def _is_transcript_json(data: bytes) -> bool:
+    try:
+        return looks_like_transcript(json.loads(data.decode("utf-8-sig")))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False  # not JSON at all: the metadata step reports decode:json
+
