@@ -5,7 +5,7 @@ import importlib
 import sys
 import time
 
-BENCHES = ["bench.shard_stage"]
+BENCHES = ["bench.shard_stage", "bench.audio_stage"]
 
 
 def main() -> None:

@@ -1,0 +1,164 @@
+"""`mmdata build` as an Apache Beam pipeline, for any Beam runner (FnApiRunner locally, Flink, Spark, Dataflow).
+
+    python -m pipelines.beam_build --input CORPUS --out OUT [mmdata options] [Beam pipeline options]
+
+The driver plans the units (saved in OUT/plan.parquet); the pipeline is
+
+    Create(units) → Reshuffle → ParDo(RunUnitDoFn) → CombineGlobally(MergeUnitStats) → CheckTotals
+
+and the driver runs ``finalize`` once it has finished. ``RunUnitDoFn.setup`` builds the per-process
+context (transforms, tokenizer, encoder model) once per worker. A retried bundle re-runs whole
+units: ``run_unit`` skips committed units and writes everything under a temporary name first, so a
+retry after a partial write leaves no duplicate and no corrupt shard. mmdata options are the
+flags of ``mmdata build`` (``--samples-per-shard 1000``, ``--tokenize``…); every other flag goes to
+Beam. Without ``--runner`` the FnApiRunner runs ``--workers`` processes on this machine.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections import Counter
+from typing import Iterable, Iterator, Optional
+
+from pydantic import BaseModel
+
+_level = logging.root.manager.disable
+logging.disable(logging.WARNING)  # Beam's import warns about optional GCP client libraries on the root logger
+try:
+    import apache_beam as beam
+    from apache_beam.metrics import Metrics
+finally:
+    logging.disable(_level)
+
+from mmdata.config import BuildConfig
+from mmdata.records import Unit
+from mmdata.unit import get_context, run_unit
+
+log = logging.getLogger("mmdata.beam")
+NAMESPACE = "mmdata"
+STATUSES = ("written", "filtered", "failed")
+
+
+class RunUnitDoFn(beam.DoFn):
+    """Unit in, shard committed, the unit's stats out. Counts records by status and reason in Beam metrics."""
+
+    def __init__(self, config: BuildConfig):
+        self.config = config
+
+    def setup(self) -> None:
+        get_context(self.config)  # once per worker process: transforms, tokenizer, encoder model
+
+    def process(self, unit: Unit) -> Iterator[dict]:
+        stats = run_unit(self.config, unit)
+        Metrics.counter(NAMESPACE, "units_skipped" if stats.get("skipped") else "units_run").inc()
+        for status in STATUSES:
+            Metrics.counter(NAMESPACE, status).inc(stats["counts"][status])
+        for status, by_reason in stats["reasons"].items():
+            for reason, n in by_reason.items():
+                Metrics.counter(NAMESPACE, f"{status}:{reason}").inc(n)
+        yield stats
+
+
+class MergeUnitStats(beam.CombineFn):
+    """Units' stats → {units, counts, reasons}: what the whole build accounts for."""
+
+    def create_accumulator(self) -> dict:
+        return {"units": 0, "counts": Counter(), "reasons": {"filtered": Counter(), "failed": Counter()}}
+
+    def add_input(self, acc: dict, stats: dict) -> dict:
+        acc["units"] += 1
+        acc["counts"].update(stats["counts"])
+        for status, by_reason in stats["reasons"].items():
+            acc["reasons"][status].update(by_reason)
+        return acc
+
+    def merge_accumulators(self, accs: Iterable[dict]) -> dict:
+        merged = self.create_accumulator()
+        for acc in accs:
+            merged["units"] += acc["units"]
+            merged["counts"].update(acc["counts"])
+            for status, by_reason in acc["reasons"].items():
+                merged["reasons"][status].update(by_reason)
+        return merged
+
+    def extract_output(self, acc: dict) -> dict:
+        return {"units": acc["units"], "counts": dict(acc["counts"]),
+                "reasons": {k: dict(sorted(v.items())) for k, v in acc["reasons"].items()}}
+
+
+def check_totals(merged: dict, units: int, inputs: int) -> dict:
+    """Fail the pipeline unless every unit and every record came back accounted for."""
+    c = merged["counts"]
+    if merged["units"] != units or c.get("inputs", 0) != inputs or \
+            c.get("inputs", 0) != sum(c.get(s, 0) for s in STATUSES):
+        raise RuntimeError(f"mmdata: {merged['units']} of {units} units, {c} for {inputs} records")
+    log.info("mmdata: %d units, %s", units, c)
+    return merged
+
+
+class BuildShards(beam.PTransform):
+    """The whole shard stage as one transform: planned units in, the build's merged stats out."""
+
+    def __init__(self, config: BuildConfig, units: list[Unit]):
+        super().__init__()
+        self.config = config
+        self.units = units
+
+    def expand(self, pbegin):
+        inputs = sum(len(u.records) for u in self.units)
+        return (
+            pbegin
+            | "Units" >> beam.Create(self.units, reshuffle=False)
+            | "Spread" >> beam.Reshuffle()
+            | "RunUnit" >> beam.ParDo(RunUnitDoFn(self.config))
+            | "MergeStats" >> beam.CombineGlobally(MergeUnitStats())
+            | "CheckTotals" >> beam.Map(check_totals, len(self.units), inputs)
+        )
+
+
+def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, list[str]]:
+    """mmdata's own flags (those of ``mmdata build``); the rest are Beam pipeline options."""
+    parser = argparse.ArgumentParser(prog="python -m pipelines.beam_build", description=__doc__.splitlines()[0],
+                                     allow_abbrev=False)  # never read a Beam flag as an abbreviated mmdata one
+    parser.add_argument("--config", "-c", help="YAML file with any mmdata option")
+    skip = {"engine", "beam_options", "dask_address", "dask_gpu_resource", "dask_retries"}
+    fields = {}
+    for name, field in BuildConfig.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            for sub, subfield in field.annotation.model_fields.items():  # flat flags, as in the CLI
+                fields.setdefault(sub, subfield)
+        elif name not in skip:
+            fields[name] = field
+    for name, field in fields.items():
+        flags = sorted({"--" + name.replace("_", "-"), "--" + name}, key=lambda f: "_" in f)  # both spellings
+        if field.annotation is bool:
+            parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                                help=field.description)
+        else:
+            parser.add_argument(*flags, dest=name, default=None, help=field.description)
+    return parser.parse_known_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    from mmdata.build import build
+    from mmdata.cli.main import print_summary
+    from mmdata.config import load_config
+    from mmdata.errors import UserError
+
+    args, beam_args = parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
+    try:
+        config = load_config(args.config, engine="beam", beam_options=beam_args, **overrides)
+        manifest = build(config)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print_summary(manifest, config.out)
+
+
+if __name__ == "__main__":
+    # Run under the importable name, so Beam pickles RunUnitDoFn by reference (not as __main__.RunUnitDoFn).
+    from pipelines.beam_build import main as _main
+
+    _main()
