@@ -5,7 +5,8 @@ import importlib
 import sys
 import time
 
-BENCHES = ["bench.shard_stage", "bench.audio_stage"]
+BENCHES = ["bench.shard_stage", "bench.audio_stage", "bench.augment", "bench.embed_unit", "bench.embed_forward",
+           "bench.engines", "bench.loader", "bench.index_build"]
 
 
 def main() -> None:
