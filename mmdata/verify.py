@@ -1,13 +1,112 @@
-"""verify: re-read every shard of an output and check it against sizes.json and the parquet tables."""
+"""verify: re-read every shard of an output and check it against the plan, sizes.json, the parquet
+tables, the units' stats and the embedding files."""
 from __future__ import annotations
 
 import io
 import json
+import posixpath
+import tarfile
+from collections import Counter
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmdata.storage import OutputDir
 from mmdata.writers.tar import read_tar_samples
+
+STATUSES = ("written", "filtered", "failed")
+
+
+def _read_table(out: OutputDir, rel: str, problems: list[str]):
+    # use_threads=False: a small table gains nothing from Arrow's pool, whose teardown at exit can
+    # abort the process now and then (apache/arrow#34314), turning exit 1 into a SIGABRT
+    try:
+        return pq.read_table(io.BytesIO(out.read_bytes(rel)), use_threads=False)
+    except FileNotFoundError:
+        problems.append(f"{rel}: missing")
+    except (OSError, pa.ArrowException) as exc:
+        problems.append(f"{rel}: unreadable ({exc})")
+    return None
+
+
+def _read_json(out: OutputDir, rel: str, problems: list[str]):
+    try:
+        return json.loads(out.read_bytes(rel))
+    except FileNotFoundError:
+        problems.append(f"{rel}: missing")
+    except (OSError, ValueError) as exc:
+        problems.append(f"{rel}: unreadable ({exc})")
+    return None
+
+
+def _plan_records(out: OutputDir, problems: list[str]) -> dict[int, int] | None:
+    """Records per unit in ``plan.parquet`` (None for an output without a plan)."""
+    if not out.exists("plan.parquet"):
+        return None
+    plan = _read_table(out, "plan.parquet", problems)
+    return None if plan is None else dict(Counter(plan.column("unit").to_pylist()))
+
+
+def _check_embeddings(out: OutputDir, name: str, modalities: list[str], n_written: int, problems: list[str]) -> None:
+    for modality in modalities:
+        rel = f"embeddings/{modality}/{name}.npy"
+        try:
+            rows = np.load(io.BytesIO(out.read_bytes(rel)), allow_pickle=False)
+        except FileNotFoundError:
+            problems.append(f"{rel}: missing")
+            continue
+        except (OSError, ValueError) as exc:
+            problems.append(f"{rel}: unreadable ({exc})")
+            continue
+        if rows.ndim != 2 or rows.shape[0] != n_written:
+            problems.append(f"{rel}: shape {rows.shape}, but {name} has {n_written} written rows")
+        elif not np.isfinite(rows.astype(np.float32)).all():
+            problems.append(f"{rel}: non-finite values")
+
+
+def _check_shard(out: OutputDir, tar_name: str, expected: int, modalities: list[str], plan: dict | None,
+                 totals: Counter, problems: list[str]) -> None:
+    name = tar_name[: -len(".tar")]
+    try:
+        samples = read_tar_samples(io.BytesIO(out.read_bytes(f"shards/{tar_name}")))
+    except FileNotFoundError:
+        problems.append(f"shards/{tar_name}: missing (listed in sizes.json)")
+        return
+    except (OSError, EOFError, ValueError, tarfile.TarError) as exc:
+        problems.append(f"{tar_name}: unreadable tar ({exc})")
+        return
+    table = _read_table(out, f"shards/{name}.parquet", problems)
+    if table is None:
+        return
+    rows = table.to_pylist()
+    status = Counter(r["status"] for r in rows)
+    totals.update({"inputs": len(rows), **{s: status[s] for s in STATUSES}})
+    for row in rows:
+        if row["status"] not in STATUSES:
+            problems.append(f"{name}.parquet: {row['key']} has status {row['status']!r}")
+        elif row["status"] != "written" and not row["reason"]:
+            problems.append(f"{name}.parquet: {row['key']} is {row['status']} without a reason")
+    written_keys = [r["key"] for r in rows if r["status"] == "written"]
+    if len(samples) != expected:
+        problems.append(f"{tar_name}: {len(samples)} samples, sizes.json says {expected}")
+    if [k for k, _ in samples] != written_keys:
+        problems.append(f"{tar_name}: sample keys differ from the written rows of {name}.parquet")
+    if [r["row"] for r in rows if r["status"] == "written"] != list(range(len(written_keys))):
+        problems.append(f"{name}.parquet: written rows are not numbered 0..n-1 in order")
+    for key, members in samples:
+        if "json" not in members:
+            problems.append(f"{tar_name}: sample {key} has no json member")
+    stats = _read_json(out, f"shards/{name}_stats.json", problems)
+    if stats is not None:
+        counts = stats.get("counts", {})
+        mine = {"inputs": len(rows), **{s: status[s] for s in STATUSES}}
+        if {k: counts.get(k) for k in mine} != mine:
+            problems.append(f"{name}_stats.json counts {counts} differ from {name}.parquet's {mine}")
+        if plan is not None and counts.get("records") != plan.get(int(name)):
+            problems.append(f"{name}_stats.json accounts for {counts.get('records')} records, "
+                            f"the plan gives unit {int(name)} {plan.get(int(name))}")
+    _check_embeddings(out, name, modalities, len(written_keys), problems)
 
 
 def verify_output(url: str) -> list[str]:
@@ -16,32 +115,24 @@ def verify_output(url: str) -> list[str]:
     problems: list[str] = []
     if not out.exists("shards/sizes.json"):
         return [f"{url}: no shards/sizes.json (build not finalized?)"]
-    sizes = json.loads(out.read_bytes("shards/sizes.json"))
-    manifest = json.loads(out.read_bytes("manifest.json")) if out.exists("manifest.json") else {}
-    totals = {"inputs": 0, "written": 0, "filtered": 0, "failed": 0}
+    sizes = _read_json(out, "shards/sizes.json", problems)
+    if not isinstance(sizes, dict):
+        return problems or [f"{url}: shards/sizes.json is not a mapping"]
+    manifest = _read_json(out, "manifest.json", problems) if out.exists("manifest.json") else {}
+    manifest = manifest or {}
+    modalities = list((manifest.get("embeddings") or {}).get("modalities") or [])
+    plan = _plan_records(out, problems)
+    on_disk = {posixpath.basename(p) for p in out.glob("shards/*.tar")}
+    for extra in sorted(on_disk - set(sizes)):
+        problems.append(f"shards/{extra}: on disk but not in sizes.json")
+    if plan is not None:
+        planned = {f"{unit:05d}.tar" for unit in plan}
+        for name in sorted(planned - set(sizes)):
+            problems.append(f"plan unit {name[:-4]} has no shard in sizes.json")
+    totals: Counter = Counter({k: 0 for k in ("inputs", *STATUSES)})
     for tar_name, expected in sorted(sizes.items()):
-        name = tar_name[: -len(".tar")]
-        try:
-            samples = read_tar_samples(io.BytesIO(out.read_bytes(f"shards/{tar_name}")))
-        except (OSError, EOFError, ValueError) as exc:
-            problems.append(f"{tar_name}: unreadable tar ({exc})")
-            continue
-        table = pq.read_table(io.BytesIO(out.read_bytes(f"shards/{name}.parquet"))).to_pylist()
-        written_keys = [r["key"] for r in table if r["status"] == "written"]
-        for row in table:
-            totals["inputs"] += 1
-            totals[row["status"]] += 1
-            if row["status"] != "written" and not row["reason"]:
-                problems.append(f"{name}.parquet: {row['key']} is {row['status']} without a reason")
-        if len(samples) != expected:
-            problems.append(f"{tar_name}: {len(samples)} samples, sizes.json says {expected}")
-        if [k for k, _ in samples] != written_keys:
-            problems.append(f"{tar_name}: sample keys differ from the written rows of {name}.parquet")
-        if [r["row"] for r in table if r["status"] == "written"] != list(range(len(written_keys))):
-            problems.append(f"{name}.parquet: written rows are not numbered 0..n-1 in order")
-        for key, members in samples:
-            if "json" not in members:
-                problems.append(f"{tar_name}: sample {key} has no json member")
+        _check_shard(out, tar_name, expected, modalities, plan, totals, problems)
+    totals = dict(totals)
     if manifest.get("counts") and manifest["counts"] != totals:
         problems.append(f"manifest.json counts {manifest['counts']} differ from the shards' {totals}")
     if totals["inputs"] != totals["written"] + totals["filtered"] + totals["failed"]:

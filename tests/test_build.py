@@ -4,6 +4,9 @@ import glob
 import io
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -139,14 +142,49 @@ def test_output_inside_input_is_not_read_back(tmp_path):
         assert manifest["counts"]["inputs"] == 1
 
 
-def test_verify_detects_a_damaged_shard(corpus, tmp_path):
-    out = tmp_path / "o"
+def _damage(out, how):
+    shards = out / "shards"
+    if how == "sizes":
+        sizes = json.load(open(shards / "sizes.json"))
+        name = next(k for k, v in sizes.items() if v > 0)
+        sizes[name] += 1
+        (shards / "sizes.json").write_text(json.dumps(sizes))
+        return name
+    if how == "parquet":
+        os.remove(shards / "00001.parquet")
+        return "00001.parquet: missing"
+    if how == "extra_tar":
+        shutil.copy(shards / "00000.tar", shards / "00099.tar")
+        return "00099.tar: on disk but not in sizes.json"
+    if how == "stats":
+        stats = json.load(open(shards / "00000_stats.json"))
+        stats["counts"]["written"] += 1
+        (shards / "00000_stats.json").write_text(json.dumps(stats))
+        return "00000_stats.json counts"
+    if how == "truncated_tar":
+        data = (shards / "00000.tar").read_bytes()
+        (shards / "00000.tar").write_bytes(data[: len(data) // 2])
+        return "00000.tar"
+    raise AssertionError(how)
+
+
+@pytest.fixture(scope="module")
+def small_build(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("verify") / "o"
     run_build(corpus[0], out, workers=1)
-    sizes = json.load(open(out / "shards" / "sizes.json"))
-    name = next(k for k, v in sizes.items() if v > 0)
-    sizes[name] += 1
-    (out / "shards" / "sizes.json").write_text(json.dumps(sizes))
-    assert any(name in p for p in verify_output(str(out)))
+    assert verify_output(str(out)) == []
+    return out
+
+
+@pytest.mark.parametrize("how", ["sizes", "parquet", "extra_tar", "stats", "truncated_tar"])
+def test_verify_detects_a_damaged_output(small_build, tmp_path, how):
+    out = tmp_path / "copy"
+    shutil.copytree(small_build, out)
+    expected = _damage(out, how)
+    problems = verify_output(str(out))
+    assert any(expected in p for p in problems), problems
+    res = subprocess.run([sys.executable, "-m", "mmdata", "verify", str(out)], capture_output=True, text=True)
+    assert res.returncode == 1 and expected in res.stdout + res.stderr
 
 
 def test_written_images_decode(built):
