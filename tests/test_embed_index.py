@@ -69,9 +69,13 @@ def test_each_image_finds_itself_first(embedded):
     out, _ = embedded
     r = Retriever(out)
     for row in written(out):
-        hits = r.search_embedding(r.embedding_of(row["key"]), k=3)
-        top = hits[0].score
-        assert any(h.key == row["key"] and h.score >= top - 1e-3 for h in hits), (row["key"], hits)
+        own = r.embedding_of(row["key"])
+        first = r.search_embedding(own, k=1)[0]
+        # first is itself, or a copy of its photo (the corpus holds the cat photo also rotated by
+        # EXIF and re-encoded: its stored embedding is the same to 1e-4)
+        copy = float(np.dot(r.embedding_of(first.key), own))
+        assert first.key == row["key"] or copy >= 0.9999, (row["key"], first, copy)
+        assert first.score == pytest.approx(1.0, abs=2e-3)
 
 
 def test_search_cli_text_key_image_json(embedded, corpus):

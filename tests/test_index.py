@@ -68,6 +68,12 @@ def exact_top(x: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int) -> np
     return ids[top]
 
 
+def exact_top_sorted(x: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Brute-force inner-product top-k ids, best first."""
+    scores = queries.astype(np.float32) @ x.astype(np.float32).T
+    return ids[np.argsort(-scores, axis=1, kind="stable")[:, :k]]
+
+
 def overlap(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)]))
 
@@ -134,15 +140,20 @@ def test_tight_budget_builds_a_compressed_index_with_measured_recall(corpus, tmp
     assert infos["n"] == len(x) and infos["dim"] == 64 and infos["train_vectors"] == 10_000
     assert infos["size_bytes"] <= BUDGET_FRACTION * 0.002 * GiB
     assert 0.9 * infos["estimated_bytes"] <= infos["size_bytes"] <= infos["estimated_bytes"]
-    assert infos["recall_target_reached"] and infos["recall_at_10"] >= 0.92
+    # the target is reached on the tuning queries; the reported figure comes from the held-out ones
+    assert infos["recall_target_reached"] and infos["recall_at_10"] >= 0.9
 
     index = load_index(out, infos)
     assert faiss.extract_index_ivf(index).nprobe == infos["search_params"]["nprobe"]
     rows = np.random.default_rng(123).choice(len(x), 1000, replace=False)
-    found = search(index, x[rows], 10)[1]
-    measured = overlap(found, exact_top(x, ids, x[rows], 10))
+    found = search(index, x[rows], 11)[1]
+    # leave-one-out, as index_infos.json measures it: a query's own vector is not one of its neighbours
+    found_others = [[i for i in f if i != own][:10] for f, own in zip(found, ids[rows])]
+    truth_others = [[i for i in t if i != own][:10] for t, own in zip(exact_top_sorted(x, ids, x[rows], 11), ids[rows])]
+    measured = overlap(found_others, truth_others)
     assert measured >= 0.9
     assert abs(measured - infos["recall_at_10"]) <= 0.02
+    assert infos["n_tune_queries"] + infos["n_queries"] <= 1000 and "leave-one-out" in infos["query_protocol"]
     # stored ids come back, never row positions
     assert np.isin(found, ids).all()
     assert np.mean(found[:, 0] == ids[rows]) >= 0.95

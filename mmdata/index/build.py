@@ -46,6 +46,7 @@ from mmdata.index.evaluate import (
     DEFAULT_N_QUERIES,
     exact_knn,
     measure,
+    drop_self,
     sample_queries,
     tune_search_params,
 )
@@ -53,6 +54,8 @@ from mmdata.index.sources import Corpus, EmbeddingSource, gather_rows, iter_chun
 
 TRAIN_STREAM = 0  # rng stream for the training sample (queries use 1)
 RECALL_K = 10
+QUERY_PROTOCOL = ("leave-one-out: indexed vectors as queries, each excluded from its own results; "
+                  "nprobe/efSearch tuned on one half of the queries, recall measured on the other")
 
 
 def train_empty(
@@ -101,11 +104,22 @@ def tune_and_write(
     if index.ntotal != corpus.n:
         raise ValueError(f"the index holds {index.ntotal} vectors but the sources hold {corpus.n}")
     start = time.perf_counter()
-    k = min(RECALL_K, corpus.n)
-    queries = sample_queries(corpus, n_queries, seed)
-    _, truth = exact_knn(corpus, queries, k, chunk_rows)
-    tuned = tune_search_params(index, queries, truth, recall_target, k)
-    measured = measure(index, queries, truth, k)
+    k = min(RECALL_K, corpus.n - 1)  # leave-one-out: each query's own vector is not a result
+    if k < 1:  # a single vector: nothing to measure against
+        size = write_index_atomic(faiss, index, out_path)
+        return {"search_params": {}, "search_params_string": "", "recall_target": recall_target,
+                "recall_target_reached": True, "recall_at_1": 1.0, "recall_at_10": 1.0, "ms_per_query": 0.0,
+                "n_queries": 0, "n_tune_queries": 0, "query_protocol": QUERY_PROTOCOL, "tuning_curve": [],
+                "tune_seconds": 0.0, "size_bytes": int(size)}
+    queries, query_ids = sample_queries(corpus, n_queries, seed)
+    _, truth = exact_knn(corpus, queries, k + 1, chunk_rows)
+    truth = drop_self(truth, query_ids, k)
+    # tune on one half, measure on the other (the same queries when there are too few to split)
+    half = len(queries) // 2 if len(queries) >= 40 else 0
+    tune, held = slice(0, half or len(queries)), slice(half, len(queries))
+    tuned = tune_search_params(index, queries[tune], truth[tune], recall_target, k, query_ids[tune])
+    measured = measure(index, queries[held], truth[held], k, query_ids[held])
+    measured["n_tune_queries"] = int(half or len(queries))
     tune_seconds = round(time.perf_counter() - start, 3)
     size = write_index_atomic(faiss, index, out_path)
     return {
@@ -114,6 +128,7 @@ def tune_and_write(
         "recall_target": recall_target,
         "recall_target_reached": bool(tuned["reached"]),
         **measured,
+        "query_protocol": QUERY_PROTOCOL,
         "tuning_curve": tuned["curve"],
         "tune_seconds": tune_seconds,
         "size_bytes": int(size),

@@ -2,7 +2,10 @@
 
 Recall@k here is the overlap of the index's top-k ids with the exact (flat inner-product) top-k
 ids, averaged over queries: |found ∩ exact| / k. Recall@1 is the share of queries whose top id
-is the exact top id. Queries are a seeded sample of the indexed vectors themselves.
+is the exact top id. Queries are a seeded sample of the indexed vectors, each held out of its own
+results (leave-one-out: a query's own id is dropped from both the exact and the index's top-k, so
+a vector finding itself never counts); the sample is split in two disjoint halves, one to tune the
+search knob on and one to measure the recall that ``index_infos.json`` reports.
 """
 from __future__ import annotations
 
@@ -41,10 +44,23 @@ def search(index: Any, queries: np.ndarray, k: int, *, batch_size: int = SEARCH_
     return scores, ids
 
 
-def sample_queries(corpus: Corpus, n_queries: int, seed: int) -> np.ndarray:
-    """A deterministic sample of ``min(n_queries, n)`` indexed vectors, as float32 queries."""
-    queries, _ = gather_rows(corpus, sample_positions(corpus.n, n_queries, seed, QUERY_STREAM))
-    return queries
+def sample_queries(corpus: Corpus, n_queries: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A deterministic sample of ``min(n_queries, n)`` indexed vectors, as float32 queries, with their ids."""
+    return gather_rows(corpus, sample_positions(corpus.n, n_queries, seed, QUERY_STREAM))
+
+
+def drop_self(ids: np.ndarray, self_ids: np.ndarray | None, k: int) -> np.ndarray:
+    """The first ``k`` ids of each row once the query's own id is removed (rows keep their order)."""
+    if self_ids is None:
+        return ids[:, :k]
+    is_self = ids == np.asarray(self_ids)[:, None]
+    order = np.argsort(is_self, axis=1, kind="stable")  # self (True) moves to the end
+    return np.take_along_axis(ids, order, axis=1)[:, :k]
+
+
+def found_ids(index: Any, queries: np.ndarray, k: int, self_ids: np.ndarray | None = None) -> np.ndarray:
+    """The index's top-``k`` ids per query, the query's own id excluded when ``self_ids`` is given."""
+    return drop_self(search(index, queries, k + (self_ids is not None))[1], self_ids, k)
 
 
 def exact_knn(corpus: Corpus, queries: np.ndarray, k: int, chunk_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -80,7 +96,8 @@ def _knob(faiss: Any, index: Any, k: int) -> tuple[str, int, int] | None:
 
 
 def tune_search_params(
-    index: Any, queries: np.ndarray, truth_ids: np.ndarray, recall_target: float, k: int = 10
+    index: Any, queries: np.ndarray, truth_ids: np.ndarray, recall_target: float, k: int = 10,
+    self_ids: np.ndarray | None = None,
 ) -> dict:
     """Smallest nprobe / efSearch whose recall@k reaches ``recall_target``; sets it on ``index``.
 
@@ -92,7 +109,7 @@ def tune_search_params(
     faiss = import_faiss()
     knob = _knob(faiss, index, k)
     if knob is None:
-        found = search(index, queries, k)[1]
+        found = found_ids(index, queries, k, self_ids)
         return {"params": {}, "reached": recall_at(found, truth_ids, k) >= recall_target, "curve": []}
     name, lowest, highest = knob
     curve: dict[int, float] = {}
@@ -100,7 +117,7 @@ def tune_search_params(
     def recall(value: int) -> float:
         if value not in curve:
             apply_search_params(faiss, index, {name: value})
-            curve[value] = recall_at(search(index, queries, k)[1], truth_ids, k)
+            curve[value] = recall_at(found_ids(index, queries, k, self_ids), truth_ids, k)
         return curve[value]
 
     value, failing = lowest, None
@@ -120,13 +137,14 @@ def tune_search_params(
     return {"params": {name: value}, "reached": reached, "curve": [[v, round(r, 5)] for v, r in sorted(curve.items())]}
 
 
-def measure(index: Any, queries: np.ndarray, truth_ids: np.ndarray, k: int = 10) -> dict:
+def measure(index: Any, queries: np.ndarray, truth_ids: np.ndarray, k: int = 10,
+            self_ids: np.ndarray | None = None) -> dict:
     """Recall@1, recall@10 and batched ms per query of ``index`` with its current parameters.
 
     ``k`` is 10 unless the corpus holds fewer vectors.
     """
     start = time.perf_counter()
-    found = search(index, queries, k)[1]
+    found = found_ids(index, queries, k, self_ids)
     seconds = time.perf_counter() - start
     return {
         "recall_at_1": round(recall_at(found, truth_ids, 1), 5),
