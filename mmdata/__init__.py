@@ -1,2 +1,17 @@
 """mmdata: raw multimodal corpora -> WebDataset shards, metadata, embeddings and a FAISS index."""
 __version__ = "0.1.0"
+
+__all__ = ["Hit", "Retriever", "__version__"]
+
+
+def __getattr__(name: str):
+    """``from mmdata import Retriever`` without importing faiss, pyarrow or PIL on ``import mmdata``."""
+    if name in ("Retriever", "Hit"):
+        from mmdata import retrieval
+
+        return getattr(retrieval, name)
+    raise AttributeError(f"module 'mmdata' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -64,7 +64,10 @@ def reembed(out_url: str, on_shard: Callable[[str, int], None] = lambda name, n:
         on_shard(unit.name, len(samples))
     facts = {k: v for k, v in encoder.info().items() if k in ENCODER_FACTS}
     manifest["config"] = config.model_dump(mode="json")
-    manifest["embeddings"] = embeddings_facts(config, [{"encoder": facts}])
+    stats = {"encoder": facts}
+    if (manifest.get("embeddings") or {}).get("audio_encoder"):  # audio embeddings are kept: so are their facts
+        stats["audio_encoder"] = manifest["embeddings"]["audio_encoder"]
+    manifest["embeddings"] = embeddings_facts(config, [stats])
     manifest.setdefault("timings", {})["embed_seconds"] = round(time.perf_counter() - started, 3)
     if config.index:
         from mmdata.indexing import build_indexes

@@ -1,12 +1,16 @@
-"""Retriever: query a build's FAISS indexes by text, image, key or raw embedding.
+"""Retriever: query a build's FAISS indexes by text, image, audio, key or raw embedding.
 
 Queries are embedded with the model recorded in the build's manifest; asking for another model
-is an error, never a silent mismatch.
+is an error, never a silent mismatch. The image, text and fused indexes live in the open_clip
+space; the audio index in the space of the build's audio encoder (mel-stats or CLAP), so audio
+queries and text queries against ``modality="audio"`` go through that encoder, re-created from
+the manifest, and a query audio file goes through the build's own audio processing first.
 """
 from __future__ import annotations
 
 import io
 import json
+import posixpath
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -39,7 +43,7 @@ class Retriever:
     def __init__(self, out: str, device: str = "cpu"):
         self.out = OutputDir(out)
         if not self.out.exists("index/index_infos.json"):
-            raise UserError(f"{out} has no index (build it with --model … and without --no-index)")
+            raise UserError(f"{out} has no index (build it with --model … or --audio-encoder …, without --no-index)")
         self.infos = json.loads(self.out.read_bytes("index/index_infos.json"))
         self.manifest = json.loads(self.out.read_bytes("manifest.json"))
         table = pq.read_table(io.BytesIO(self.out.read_bytes("index/ids.parquet"))).to_pylist()
@@ -48,6 +52,7 @@ class Retriever:
         self.device = device
         self._indexes: dict = {}
         self._encoder = None
+        self._audio_encoder = None
 
     @property
     def modalities(self) -> list[str]:
@@ -110,10 +115,52 @@ class Retriever:
             hits.append(Hit(len(hits) + 1, float(score), int(id_), r["key"], r["caption"], r["shard"], r["row"]))
         return hits
 
+    def audio_encoder(self, model: Optional[str] = None):
+        """The build's audio encoder (mel-stats or CLAP), re-created from the manifest's facts;
+        ``model`` (a CLAP id or folder) must match what the build used."""
+        facts = (self.manifest.get("embeddings") or {}).get("audio_encoder")
+        if not facts:
+            raise UserError(f"{self.out.url} records no audio encoder; query the audio index with --key or --embedding")
+        if model and model != facts.get("model"):
+            built = f"CLAP {facts['model']}" if facts.get("model") else facts["name"]
+            raise UserError(f"the audio index was built with {built}; a query embedded with {model} would not be comparable")
+        if self._audio_encoder is None:
+            from mmdata.embedding import audio_encoder_facts, audio_encoder_from_facts
+
+            try:
+                enc = audio_encoder_from_facts(facts, device=self.device)
+            except ImportError as exc:
+                raise UserError(f"audio queries need the 'audio' extra (pip install 'mmdata[audio]'): {exc}") from None
+            got = audio_encoder_facts(enc)
+            differs = sorted(k for k in facts if k in got and got[k] != facts[k])
+            if differs:
+                raise UserError(f"the audio encoder re-created from {facts.get('model') or facts['name']} differs from the one "
+                                f"the index was built with ({', '.join(differs)}); its queries would not be comparable")
+            self._audio_encoder = enc
+        return self._audio_encoder
+
+    def _audio_text_encoder(self, model: Optional[str], pretrained: Optional[str]):
+        facts = (self.manifest.get("embeddings") or {}).get("audio_encoder") or {}
+        if facts.get("name") == "mel-stats":
+            raise UserError("mel-stats has no text tower; query the audio index with --audio, --key or --embedding")
+        if pretrained:
+            raise UserError("--pretrained names open_clip weights; the audio index is queried with the build's CLAP model")
+        return self.audio_encoder(model)
+
     def search_text(self, text: str, k: int = 10, modality: str = "image", **model) -> list[Hit]:
-        return self.search_embedding(self.encoder(**model).encode_texts([text])[0], k, modality)
+        """Text → neighbours: open_clip's text tower for image/text/fused, CLAP's for audio."""
+        self.index(modality)
+        if modality == "audio":
+            encoder = self._audio_text_encoder(model.get("model"), model.get("pretrained"))
+        else:
+            encoder = self.encoder(**model)
+        return self.search_embedding(encoder.encode_texts([text])[0], k, modality)
 
     def search_image(self, path: str, k: int = 10, modality: str = "image", **model) -> list[Hit]:
+        if modality == "audio":
+            raise UserError("an image query cannot search the audio index (no encoder maps images into the audio "
+                            "space); use --modality image, text or fused")
+        self.index(modality)
         try:
             im = Image.open(io.BytesIO(read_bytes(path)))
             im.load()
@@ -121,12 +168,48 @@ class Retriever:
             raise UserError(f"cannot read query image {path}: {exc}") from None
         return self.search_embedding(self.encoder(**model).encode_images([to_rgb(im)])[0], k, modality)
 
+    def audio_query(self, path_or_url: str) -> tuple[np.ndarray, int]:
+        """The query file decoded and processed exactly as the build processes a clip (its
+        AudioConfig: rate, channels, trimming, duration policy, normalisation): ``(samples, rate)``."""
+        try:
+            from mmdata.transforms.audio import AudioConfig, decode_audio, process_audio
+        except ImportError as exc:
+            raise UserError(f"audio queries need the 'audio' extra (pip install 'mmdata[audio]'): {exc}") from None
+        from mmdata.errors import SampleError, SampleFiltered
+
+        try:
+            data = read_bytes(path_or_url)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot read query audio {path_or_url}: {exc}") from None
+        cfg = AudioConfig(**((self.manifest.get("config") or {}).get("audio") or {}))
+        try:
+            samples, sr, _ = decode_audio(data, posixpath.splitext(path_or_url)[1])
+        except SampleError as err:
+            raise UserError(f"cannot decode query audio {path_or_url}: {err}") from None
+        try:
+            y, info = process_audio(samples, sr, cfg)
+        except SampleFiltered as err:
+            raise UserError(f"query audio {path_or_url} does not pass the build's audio settings ({err}); "
+                            f"a clip like it would not have been indexed") from None
+        return y, int(info["sample_rate"])
+
+    def search_audio(self, path_or_url: str, k: int = 10, modality: str = "audio", model: Optional[str] = None) -> list[Hit]:
+        """Audio file → similar sounds in the audio index, embedded with the build's audio encoder."""
+        if modality != "audio":
+            raise UserError(f"an audio query searches the audio index only, not {modality!r} (use --modality audio)")
+        self.index(modality)
+        encoder = self.audio_encoder(model)
+        return self.search_embedding(encoder.encode_audio([self.audio_query(path_or_url)])[0], k, modality)
+
     def embedding_of(self, key: str, modality: str = "image") -> np.ndarray:
         row = self._by_key.get(key)
         if row is None:
             raise UserError(f"unknown key {key!r} in {self.out.url}")
         emb = np.load(io.BytesIO(self.out.read_bytes(f"embeddings/{modality}/{row['shard'][:-4]}.npy")))
-        return emb[row["row"]].astype(np.float32)
+        vec = emb[row["row"]].astype(np.float32)
+        if not vec.any():  # the sample lacks this modality: a zero row, left out of the index
+            raise UserError(f"sample {key!r} has no {modality} embedding (it has no {modality}); pick another --modality")
+        return vec
 
     def search_key(self, key: str, k: int = 10, modality: str = "image") -> list[Hit]:
         """Neighbours of a stored sample, itself excluded."""
