@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import time
 
-
+import numpy as np
 
 def build_corpus(tmp: str, copies: int) -> str:
     """The scikit-image photos × ``copies`` at 1024 px, built to 256 px shards with tiny-CLIP
@@ -88,6 +88,33 @@ def neighbour_cost(out: str, batch_size: int, k: int, batches: int = 20) -> dict
     return {"k": k, "batches": len(sample), "ms_per_batch": per_batch * 1e3}
 
 
+def large_index_cost(n: int, dim: int, batch_size: int, k: int, batches: int = 20) -> dict:
+    """Milliseconds per batch of the neighbour search alone (B queries, k+1 results, one thread as
+    in a loader worker) on the index ``build_index`` chooses for ``n`` synthetic clustered vectors
+    of dimension ``dim``, at its tuned nprobe: what the lookup costs on a corpus of real size."""
+    import faiss
+
+    from bench.index_build import generate
+    from mmdata.index import EmbeddingSource, build_index, load_index
+    from mmdata.index.evaluate import search
+
+    with tempfile.TemporaryDirectory(prefix="mmdata-bench-nb-") as tmp:
+        files = generate(tmp, n, dim, rows_per_file=50_000)
+        sources = [EmbeddingSource(p, np.load(ids)) for p, ids in files]
+        infos = build_index(sources, os.path.join(tmp, "nb.index"))
+        index = load_index(os.path.join(tmp, "nb.index"), infos)
+        queries = np.load(files[0][0])[: batch_size * batches].astype(np.float32)
+    faiss.omp_set_num_threads(1)
+    search(index, queries[:batch_size], k + 1)  # warm
+    start = time.perf_counter()
+    for i in range(batches):
+        search(index, queries[i * batch_size : (i + 1) * batch_size], k + 1)
+    per_batch = (time.perf_counter() - start) / batches
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    return {"n": n, "dim": dim, "index_key": infos["index_key"], "search_params": infos["search_params_string"],
+            "ms_per_batch": per_batch * 1e3}
+
+
 def main() -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--copies", type=int, default=20, help="photos × copies samples (20 photos)")
@@ -95,6 +122,7 @@ def main() -> dict:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--index-n", type=int, default=100_000, help="vectors of the large-index lookup (0: skip)")
     args = parser.parse_args()
     from mmdata.loader import make_loader, model_transform
 
@@ -108,6 +136,7 @@ def main() -> dict:
         (t_bare, n_bare), (t_ours, n_ours) = interleaved(bare, ours, args.epochs)
         assert n_ours == n_bare == ours.num_samples, (n_ours, n_bare, ours.num_samples)
         nb = neighbour_cost(out, args.batch_size, args.k)
+        big = large_index_cost(args.index_n, 512, args.batch_size, args.k) if args.index_n else None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     ms_batch_ours = t_ours / (n_ours / args.batch_size) * 1e3
@@ -123,6 +152,12 @@ def main() -> dict:
     print(f"  neighbours k={args.k}        : {nb['ms_per_batch']:.2f} ms per batch of {args.batch_size} "
           f"({nb['ms_per_batch'] / args.batch_size * 1e3:.0f} µs/sample; "
           f"{result['neighbour_share_of_batch']:.1%} of a batch's time if done in the same worker)")
+    if big is not None:
+        result["neighbours_large"] = big
+        share = big["ms_per_batch"] / (big["ms_per_batch"] + ms_batch_ours)
+        print(f"  search on {big['n']:,}×{big['dim']} {big['index_key']} ({big['search_params']}): "
+              f"{big['ms_per_batch']:.2f} ms per batch of {args.batch_size}, one thread "
+              f"({share:.1%} of a batch's time if done in the same worker)")
     return result
 
 
