@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 
+
 def build_corpus(tmp: str, copies: int) -> str:
     """The scikit-image photos × ``copies`` at 1024 px, built to 256 px shards with tiny-CLIP
     embeddings, tokens and a FAISS index."""
