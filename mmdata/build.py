@@ -1,4 +1,4 @@
-"""The build driver: plan → engine maps run_unit → finalize."""
+"""The build driver: plan → engine maps run_unit → finalize (the engine stays open for a distributed index)."""
 from __future__ import annotations
 
 import sys
@@ -9,6 +9,7 @@ from tqdm import tqdm
 from mmdata.config import BuildConfig
 from mmdata.engines.base import get_engine
 from mmdata.finalize import finalize
+from mmdata.indexing import check_index_options
 from mmdata.plan import check_input, make_or_load_plan
 from mmdata.storage import OutputDir
 
@@ -17,6 +18,7 @@ def build(config: BuildConfig) -> dict:
     """Run a whole build and return its manifest. Raises UserError for problems the user must fix."""
     started = time.perf_counter()
     check_input(config.input)
+    check_index_options(config)
     out = OutputDir(config.out)
     out.ensure_writable()
     if config.overwrite:
@@ -38,8 +40,10 @@ def build(config: BuildConfig) -> dict:
         bar.update(stats["counts"]["inputs"])
 
     try:
-        engine.map_units(config, units, on_done)
+        try:
+            engine.map_units(config, units, on_done)
+        finally:
+            bar.close()
+        return finalize(config, out, units, time.perf_counter() - started, engine=engine)
     finally:
-        bar.close()
         engine.close()
-    return finalize(config, out, units, time.perf_counter() - started)

@@ -1,4 +1,4 @@
-"""finalize: merge the units' stats into ``shards/sizes.json`` and ``manifest.json``.
+"""finalize: merge the units' stats into ``shards/sizes.json`` and ``manifest.json``, build the indexes.
 
 Runs once, after every unit has committed, on whichever machine drives the build.
 """
@@ -86,8 +86,11 @@ def audio_facts(config: BuildConfig, all_stats: list[dict]) -> dict:
     return facts
 
 
-def finalize(config: BuildConfig, out: OutputDir, units: list[Unit], wall_seconds: float) -> dict:
-    """Check every unit committed, write sizes.json and manifest.json; return the manifest."""
+def finalize(config: BuildConfig, out: OutputDir, units: list[Unit], wall_seconds: float, engine=None) -> dict:
+    """Check every unit committed, write sizes.json, the indexes and manifest.json; return the manifest.
+
+    ``engine``: the build's engine, still open, for a distributed index build (``index_distributed``).
+    """
     all_stats = []
     for unit in units:
         stats = read_committed(out, unit.name, config.config_hash, config.embedded_modalities)
@@ -120,7 +123,7 @@ def finalize(config: BuildConfig, out: OutputDir, units: list[Unit], wall_second
             started = time.perf_counter()
             from mmdata.indexing import build_indexes
 
-            infos = build_indexes(config, out, units)
+            infos = build_indexes(config, out, units, engine)
             manifest["index"] = {m: {k: i.get(k) for k in ("index_key", "n", "recall_at_10")} for m, i in infos.items()}
             manifest["timings"]["index_seconds"] = round(time.perf_counter() - started, 3)
     out.write_bytes("manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())

@@ -1,7 +1,8 @@
 """The index step of finalize: ``index/ids.parquet`` and one FAISS index per embedded modality.
 
 Index ids are the samples' 64-bit ids. Samples that lack a modality have a zero row in that
-modality's embedding file; they are left out of its index.
+modality's embedding file; they are left out of its index. Each index is built in this process, or
+(``index_distributed``, see ``index_parts.py``) trained here and filled by the engine's workers.
 """
 from __future__ import annotations
 
@@ -10,17 +11,21 @@ import io
 import json
 import os
 import tempfile
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmdata.config import BuildConfig
+from mmdata.errors import UserError
 from mmdata.records import Unit
 from mmdata.storage import OutputDir
 from mmdata.unit import embedding_file, shard_files
 from mmdata.writers.table import table_bytes
+
+if TYPE_CHECKING:
+    from mmdata.engines.base import Engine
 
 IDS_SCHEMA = pa.schema([
     pa.field("id", pa.int64(), nullable=False),
@@ -43,6 +48,72 @@ def written_rows(out: OutputDir, units: list[Unit]) -> list[dict]:
     return rows
 
 
+def written_ids(out: OutputDir, name: str) -> np.ndarray:
+    """The ids of unit ``name``'s written samples, in row order (the rows of its embedding files)."""
+    table = pq.read_table(io.BytesIO(out.read_bytes(shard_files(name)["parquet"])), columns=["id", "status"])
+    return np.asarray([r["id"] for r in table.to_pylist() if r["status"] == "written"], dtype=np.int64)
+
+
+def unit_source(out: OutputDir, modality: str, name: str, ids: np.ndarray, scratch: str):
+    """Unit ``name``'s ``modality`` embeddings as an EmbeddingSource of a local file, or None if it has none.
+
+    Remote files are fetched into ``scratch``; zero rows (samples without the modality) are dropped
+    into a scratch copy.
+    """
+    from mmdata.index import EmbeddingSource
+
+    if not len(ids):
+        return None
+    rel = embedding_file(modality, name)
+    if out.local:
+        path = out.path(rel)
+    else:
+        path = os.path.join(scratch, rel.replace("/", "_"))
+        out.fs.get_file(out.path(rel), path)
+    rows = np.load(path, mmap_mode="r")
+    present = np.flatnonzero(np.any(rows != 0, axis=1))
+    if len(present) < len(ids):  # samples without this modality: index only the others
+        path = os.path.join(scratch, f"{modality}_{name}.npy")
+        np.save(path, np.asarray(rows[present]))
+        ids = ids[present]
+    return EmbeddingSource(path, ids) if len(ids) else None
+
+
+NOT_MERGEABLE = ("index_distributed 'on' needs an index that merges (Flat or IVF…); {key!r} does not: "
+                 "use index_distributed 'off' or 'auto'")
+
+
+def check_index_options(config: BuildConfig) -> None:
+    """Fail before a build starts on a forced ``index_key`` faiss cannot parse, or one that
+    ``index_distributed: on`` cannot merge. One UserError line."""
+    from mmdata.index import check_index_key, is_mergeable
+
+    if not (config.index and config.index_key and config.embedded_modalities):
+        return
+    try:
+        check_index_key(config.index_key)
+    except ValueError as exc:
+        raise UserError(f"bad index_key {config.index_key!r}: {exc}") from None
+    if config.index_distributed == "on" and not is_mergeable(config.index_key):
+        raise UserError(NOT_MERGEABLE.format(key=config.index_key))
+
+
+def distribute(config: BuildConfig, index_key: str, n_units: int, on_engine: bool) -> bool:
+    """Whether to build this index on the engine (train here, add per group of units there, merge here).
+
+    ``auto``: for IVF indexes when the units ran on a cluster engine (Dask, Beam); ``on``: for any
+    mergeable index (Flat, IVF), on whatever engine; never for a single unit.
+    """
+    from mmdata.index import is_ivf, is_mergeable
+
+    mode = config.index_distributed
+    if mode == "on" and not is_mergeable(index_key):
+        raise UserError(NOT_MERGEABLE.format(key=index_key))
+    if mode == "off" or n_units < 2:
+        return False
+    return mode == "on" or (on_engine and config.engine != "local" and is_ivf(index_key))
+
+
 @contextlib.contextmanager
 def local_dir(out: OutputDir) -> Iterator[str]:
     """The output folder as a local path (a staging folder for remote outputs)."""
@@ -53,9 +124,14 @@ def local_dir(out: OutputDir) -> Iterator[str]:
         yield tmp
 
 
-def build_indexes(config: BuildConfig, out: OutputDir, units: list[Unit]) -> dict:
-    """Write ids.parquet, the indexes and index_infos.json; return the infos by modality."""
-    from mmdata.index import EmbeddingSource, build_index
+def build_indexes(config: BuildConfig, out: OutputDir, units: list[Unit], engine: Optional["Engine"] = None) -> dict:
+    """Write ids.parquet, the indexes and index_infos.json; return the infos by modality.
+
+    ``engine`` (the build's, still open) runs the distributed builds; without one they run here.
+    """
+    from mmdata.index import build_index, check_index_key, choose_index, faiss_reason
+    from mmdata.index.sources import validate_sources
+    from mmdata.index_parts import DistributedBuild
 
     rows = written_rows(out, units)
     out.write_bytes("index/ids.parquet", table_bytes(rows, IDS_SCHEMA))
@@ -65,30 +141,36 @@ def build_indexes(config: BuildConfig, out: OutputDir, units: list[Unit]) -> dic
         ids_by_shard.setdefault(r["shard"][:-4], []).append(r["id"])
     with local_dir(out) as root, tempfile.TemporaryDirectory(prefix="mmdata-emb-") as scratch:
         os.makedirs(os.path.join(root, "index"), exist_ok=True)
+        distributed = DistributedBuild(config, out, root, engine)
         for modality in config.embedded_modalities:
-            sources = []
+            names, sources = [], []
             for unit in units:
                 ids = np.asarray(ids_by_shard.get(unit.name, []), dtype=np.int64)
-                if not len(ids):
-                    continue
-                rel = embedding_file(modality, unit.name)
-                path = os.path.join(root, rel) if out.local else os.path.join(scratch, rel.replace("/", "_"))
-                if not out.local:
-                    out.fs.get_file(out.path(rel), path)
-                rows_ = np.load(path, mmap_mode="r")
-                present = np.flatnonzero(np.any(rows_ != 0, axis=1))
-                if len(present) < len(ids):  # samples without this modality: index only the others
-                    path = os.path.join(scratch, f"{modality}_{unit.name}.npy")
-                    np.save(path, np.asarray(rows_[present]))
-                    ids = ids[present]
-                if len(ids):
-                    sources.append(EmbeddingSource(path, ids))
+                source = unit_source(out, modality, unit.name, ids, scratch)
+                if source is not None:
+                    names.append(unit.name)
+                    sources.append(source)
             if not sources:
                 continue
-            index_path = os.path.join(root, "index", f"{modality}.index")
-            infos[modality] = build_index(sources, index_path, memory_gb=config.index_memory_gb,
-                                          recall_target=config.index_recall_target)
+            corpus = validate_sources(sources, check_unique_ids=False)  # the index build checks them
+            key = config.index_key or choose_index(corpus.n, corpus.dim, config.index_memory_gb)
+            try:
+                if config.index_key:
+                    check_index_key(key, corpus.dim)
+                if distribute(config, key, len(sources), engine is not None):
+                    distributed.train(modality, key, names, sources)
+                    continue
+                index_path = os.path.join(root, "index", f"{modality}.index")
+                infos[modality] = build_index(sources, index_path, index_key=key, memory_gb=config.index_memory_gb,
+                                              recall_target=config.index_recall_target)
+            except (ValueError, RuntimeError) as exc:
+                if not config.index_key:  # a chosen key always builds: anything else is a bug
+                    raise
+                raise UserError(f"index_key {key!r} does not fit the {modality} embeddings ({corpus.n} vectors "
+                                f"of dim {corpus.dim}): {faiss_reason(exc)}") from None
             if not out.local:
                 out.fs.put_file(index_path, out.path(f"index/{modality}.index"))
+        infos.update(distributed.run())
+    infos = {m: infos[m] for m in config.embedded_modalities if m in infos}
     out.write_bytes("index/index_infos.json", json.dumps(infos, indent=1, sort_keys=True, default=str).encode())
     return infos

@@ -12,14 +12,19 @@ units: ``run_unit`` skips committed units and writes everything under a temporar
 retry after a partial write leaves no duplicate and no corrupt shard. mmdata options are the
 flags of ``mmdata build`` (``--samples-per-shard 1000``, ``--tokenize``…); every other flag goes to
 Beam. Without ``--runner`` the FnApiRunner runs ``--workers`` processes on this machine.
+
+A distributed index build (``--index-distributed``) runs one more, small pipeline on the same
+runner, ``MapTasks``: Create(tasks) → Reshuffle → ParDo(add a group of units' embeddings to a
+partial index under OUT/index/parts/, write the task's JSON result) → check the count.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections import Counter
-from typing import Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 from pydantic import BaseModel
 
@@ -33,6 +38,7 @@ finally:
 
 from mmdata.config import BuildConfig
 from mmdata.records import Unit
+from mmdata.storage import OutputDir
 from mmdata.unit import get_context, run_unit
 
 log = logging.getLogger("mmdata.beam")
@@ -114,6 +120,47 @@ class BuildShards(beam.PTransform):
             | "RunUnit" >> beam.ParDo(RunUnitDoFn(self.config))
             | "MergeStats" >> beam.CombineGlobally(MergeUnitStats())
             | "CheckTotals" >> beam.Map(check_totals, len(self.units), inputs)
+        )
+
+
+class RunTaskDoFn(beam.DoFn):
+    """(i, item) in; ``fn(item)`` written as JSON to ``folder/<i>.json`` under the output, atomically; i out.
+
+    A retried bundle runs its items again and rewrites the same files: ``fn`` must be idempotent.
+    """
+
+    def __init__(self, fn: Callable[[Any], Any], out: str, folder: str):
+        self.fn, self.out, self.folder = fn, out, folder
+
+    def process(self, element: tuple[int, Any]) -> Iterator[int]:
+        i, item = element
+        result = json.dumps(self.fn(item), sort_keys=True).encode()
+        OutputDir(self.out).write_bytes(f"{self.folder}/{i:05d}.json", result)
+        Metrics.counter(NAMESPACE, "tasks_run").inc()
+        yield i
+
+
+def check_count(n: int, expected: int) -> int:
+    if n != expected:
+        raise RuntimeError(f"mmdata: {n} of {expected} tasks ran")
+    return n
+
+
+class MapTasks(beam.PTransform):
+    """Any engine task (``Engine.map_tasks``): small items in, their results written under the output."""
+
+    def __init__(self, fn: Callable[[Any], Any], items: list, out: str, folder: str):
+        super().__init__()
+        self.fn, self.items, self.out, self.folder = fn, items, out, folder
+
+    def expand(self, pbegin):
+        return (
+            pbegin
+            | "Items" >> beam.Create(list(enumerate(self.items)), reshuffle=False)
+            | "Spread" >> beam.Reshuffle()
+            | "Run" >> beam.ParDo(RunTaskDoFn(self.fn, self.out, self.folder))
+            | "Count" >> beam.combiners.Count.Globally()
+            | "Check" >> beam.Map(check_count, len(self.items))
         )
 
 

@@ -178,3 +178,55 @@ def test_reembed_with_another_model(corpus, tmp_path):
     assert manifest["embeddings"]["encoder"]["seed"] == 1
     assert not np.array_equal(first, np.load(out / "embeddings" / "image" / "00000.npy"))
     assert Retriever(str(out)).search_text("a cat", k=2)
+
+
+def test_forced_index_key_and_its_errors(corpus, embedded, tmp_path):
+    """``index_key`` forces the faiss type; one that cannot work is one clear error. index_key is not part of
+    the config hash, so these re-runs skip every committed unit and only rebuild the index."""
+    from mmdata.errors import UserError
+
+    out = tmp_path / "o"
+    shutil.copytree(embedded[0], out)
+    same = dict(workers=1, fused="mean", embed_in_shards=True, **TINY)
+    manifest = run_build(corpus[0], out, index_key="HNSW16", **same)
+    assert {i["index_key"] for i in manifest["index"].values()} == {"HNSW16"}
+    infos = json.load(open(out / "index" / "index_infos.json"))
+    assert set(infos["image"]["search_params"]) == {"efSearch"} and not infos["image"].get("distributed")
+    row = written(out)[0]
+    hits = Retriever(str(out)).search_key(row["key"], k=3)
+    assert len(hits) == 3 and row["key"] not in [h.key for h in hits]
+    with pytest.raises(UserError, match=r"index_key 'IVF8,PQ5' does not fit the image embeddings \(\d+ vectors of "
+                                        r"dim 32\): The dimension of the vector \(d\) should be a multiple"):
+        run_build(corpus[0], out, index_key="IVF8,PQ5", **same)
+    with pytest.raises(UserError, match=r"index_key 'IVF256,Flat' does not fit .*Number of training points \(\d+\) "
+                                        r"should be at least as large as number of clusters \(256\)"):
+        run_build(corpus[0], out, index_key="IVF256,Flat", index_distributed="on", **same)
+    with pytest.raises(UserError, match="index_distributed 'on' needs an index that merges"):
+        run_build(corpus[0], out, index_key="HNSW16", index_distributed="on", **same)
+
+
+def test_a_bad_index_key_is_one_line_before_the_build(corpus, tmp_path):
+    res = subprocess.run(MMDATA + ["build", "-i", corpus[0], "-o", str(tmp_path / "o"), "--model", "mmdata-tiny",
+                                   "--pretrained", "random", "--index-key", "IVFx,Flat"], capture_output=True, text=True)
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode == 2 and lines == ["error: bad index_key 'IVFx,Flat': could not parse index string IVFx,Flat"], res.stderr
+    assert not glob.glob(f"{tmp_path}/o/shards/*.tar")
+
+
+def test_distributed_index_on_remote_storage_equals_the_single_process_one(corpus, tmp_path):
+    """Parts go through the output's storage (fsspec memory:// here, as s3:// on a cluster), and the merged
+    index is the single-process index byte for byte."""
+    import fsspec
+
+    forced = dict(workers=1, index_key="IVF4,Flat", **TINY)
+    run_build(corpus[0], tmp_path / "single", index_distributed="off", **forced)
+    manifest = run_build(corpus[0], "memory://dist-index/out", index_distributed="on", **forced)
+    fs = fsspec.filesystem("memory")
+    infos = json.loads(fs.cat_file("/dist-index/out/index/index_infos.json"))
+    assert all(i["distributed"] and i["n_partials"] >= 2 for i in infos.values()) and set(infos) == {"image", "text"}
+    assert sorted(fs.ls("/dist-index/out/index", detail=False)) == [
+        f"/dist-index/out/index/{f}" for f in ("ids.parquet", "image.index", "index_infos.json", "text.index")]
+    for f in ("ids.parquet", "image.index", "text.index"):
+        assert fs.cat_file(f"/dist-index/out/index/{f}") == (tmp_path / "single" / "index" / f).read_bytes(), f
+    assert manifest["index"] == json.load(open(tmp_path / "single" / "manifest.json"))["index"]
+    fs.rm("/dist-index", recursive=True)

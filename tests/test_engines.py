@@ -1,6 +1,7 @@
 """The cluster engines: one corpus built by the local engine (1 and 2 workers), by Dask and by Beam gives
-byte-identical output; a Dask worker killed mid-unit and a Beam bundle that dies after a partial write
-change nothing; bad cluster options fail with one line and exit 2."""
+byte-identical output, indexes and search results (the cluster builds fill the index on the engine); a Dask
+worker killed mid-unit and a Beam bundle that dies after a partial write change nothing; bad cluster options
+fail with one line and exit 2."""
 import glob
 import hashlib
 import json
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import pyarrow.parquet as pq
 import pytest
 
 import mmdata.build
@@ -20,6 +22,7 @@ from conftest import run_build
 from mmdata.config import load_config
 from mmdata.errors import UserError
 from mmdata.plan import cut_units, list_records
+from mmdata.retrieval import Retriever
 from mmdata.verify import verify_output
 from pipelines.demo_corpus import make_corpus
 
@@ -29,15 +32,24 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 
 # What must be byte-identical whatever the engine (globs relative to the output folder).
 OUTPUTS = ("shards/*.tar", "shards/*.parquet", "shards/sizes.json", "embeddings/**/*.npy")
+INDEX_OUTPUTS = ("index/ids.parquet", "index/*.index")
 # The build every engine runs: tokens and embeddings (tiny open_clip model, random weights) included, so
-# the tokenizer and the model are loaded in every worker process. No index: finalize builds it on the driver,
-# the same way whatever the engine.
-BUILD = dict(samples_per_shard=8, tokenize=True, model="mmdata-tiny", pretrained="random", index=False)
+# the tokenizer and the model are loaded in every worker process. The index type is forced to an IVF (the
+# corpus is small enough for an exact Flat index): the local build with 1 worker builds it in one process,
+# Dask and Beam (index_distributed auto) and local with 2 workers (on) train it on the driver, add each group
+# of units on the engine and merge.
+BUILD = dict(samples_per_shard=8, tokenize=True, model="mmdata-tiny", pretrained="random", index_key="IVF4,Flat")
 
 
-def digests(out) -> dict:
-    files = sorted(f for pattern in OUTPUTS for f in glob.glob(os.path.join(str(out), pattern), recursive=True))
+def digests(out, patterns=OUTPUTS) -> dict:
+    files = sorted(f for pattern in patterns for f in glob.glob(os.path.join(str(out), pattern), recursive=True))
     return {os.path.relpath(f, out): hashlib.sha256(open(f, "rb").read()).hexdigest() for f in files}
+
+
+def neighbours(out, keys) -> dict:
+    """Every sample's top 5 neighbours (key, score) in the image and the text index."""
+    r = Retriever(str(out))
+    return {(m, key): [(h.key, h.score) for h in r.search_key(key, 5, m)] for m in ("image", "text") for key in keys}
 
 
 def leftovers(out) -> list:
@@ -74,20 +86,38 @@ def test_local_dask_and_beam_builds_are_byte_identical(corpus, reference, tmp_pa
     engines = []
     get_engine = mmdata.build.get_engine
     monkeypatch.setattr(mmdata.build, "get_engine", lambda config: engines.append(get_engine(config)) or engines[-1])
-    expected = digests(ref_out)
+    expected, expected_index = digests(ref_out), digests(ref_out, INDEX_OUTPUTS)
     assert len([f for f in expected if f.endswith(".tar")]) == ref_manifest["units"] >= 4
     assert len([f for f in expected if f.startswith("embeddings")]) == 2 * ref_manifest["units"]  # image, text
-    for name, kw in {"local2": dict(workers=2), "dask": dict(engine="dask", workers=2, dask_gpu_resource="GPU"),
+    assert sorted(expected_index) == ["index/ids.parquet", "index/image.index", "index/text.index"]
+    assert {m: i["index_key"] for m, i in ref_manifest["index"].items()} == {"image": "IVF4,Flat", "text": "IVF4,Flat"}
+    keys = [r["key"] for r in pq.read_table(f"{ref_out}/index/ids.parquet").to_pylist()]
+    expected_hits = neighbours(ref_out, keys)
+    assert len(keys) == ref_manifest["counts"]["written"] and all(len(h) == 5 for h in expected_hits.values())
+    ref_infos = json.load(open(f"{ref_out}/index/index_infos.json"))
+    assert not any(i.get("distributed") for i in ref_infos.values())
+    for name, kw in {"local2": dict(workers=2, index_distributed="on"),
+                     "dask": dict(engine="dask", workers=2, dask_gpu_resource="GPU"),
                      "beam": dict(engine="beam", workers=2)}.items():
         out = tmp_path / name
         manifest = run_build(corpus[0], out, **kw, **BUILD)
         assert digests(out) == expected, name
         assert manifest["counts"] == ref_manifest["counts"] and manifest["reasons"] == ref_manifest["reasons"], name
         assert verify_output(str(out)) == [], name
+        # the index, filled on the engine in parts and merged in unit order: the same ids, bytes and neighbours
+        assert digests(out, INDEX_OUTPUTS) == expected_index, name
+        assert manifest["index"] == ref_manifest["index"], name
+        infos = json.load(open(out / "index" / "index_infos.json"))
+        for modality, info in infos.items():
+            assert info["distributed"] and info["n_partials"] >= 2, (name, modality, info)
+            assert info["search_params"] == ref_infos[modality]["search_params"], name
+        assert neighbours(out, keys) == expected_hits, name
+        assert not os.path.exists(out / "index" / "parts") and not glob.glob(f"{out}/.mmdata-tasks*"), name
     counters = engines[-1].counters  # Beam's metrics account for every record, by status and by reason
     c = ref_manifest["counts"]
     assert (counters["written"], counters["filtered"], counters["failed"]) == (c["written"], c["filtered"], c["failed"])
     assert counters["units_run"] == ref_manifest["units"]
+    assert counters["tasks_run"] == sum(i["n_partials"] for i in infos.values())  # the index parts' pipeline
     for status in ("filtered", "failed"):
         for reason, n in ref_manifest["reasons"][status].items():
             assert counters[f"{status}:{reason}"] == n

@@ -310,3 +310,54 @@ def test_missing_faiss_names_the_extras(monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)
     with pytest.raises(ImportError, match=r"mmdata\[cpu\].*mmdata\[gpu\]"):
         import_faiss()
+
+
+# --- the distributed build in a finalize: when it runs, how the units are grouped --------------------
+
+def test_when_the_index_is_built_on_the_engine():
+    from mmdata.config import load_config
+    from mmdata.errors import UserError
+    from mmdata.indexing import distribute
+
+    def on_engine(engine="dask", mode="auto", key="IVF1024,Flat", units=10, engine_given=True):
+        config = load_config(input="in", out="out", engine=engine, index_distributed=mode)
+        return distribute(config, key, units, engine_given)
+
+    assert on_engine() and on_engine(engine="beam") and on_engine(key="OPQ16,IVF256,PQ16")
+    assert not on_engine(engine="local")  # auto: a cluster engine
+    assert not on_engine(key="Flat") and not on_engine(key="HNSW32")  # auto: IVF only
+    assert not on_engine(units=1) and not on_engine(mode="on", units=1)
+    assert not on_engine(engine_given=False)  # no engine (`mmdata embed`): in one process
+    assert on_engine(engine="local", mode="on", key="Flat") and on_engine(mode="on", engine_given=False)
+    assert not on_engine(mode="off")
+    with pytest.raises(UserError, match="needs an index that merges"):
+        on_engine(mode="on", key="HNSW32")
+
+
+def test_units_are_grouped_in_order_and_balanced():
+    from mmdata.index_parts import group_units, part_count
+
+    assert group_units([10] * 8, 4) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert group_units([10] * 5, 8) == [[0], [1], [2], [3], [4]]
+    assert group_units([100, 1, 1, 1, 100], 2) == [[0, 1, 2], [3, 4]]
+    assert group_units([5, 5, 5], 1) == [[0, 1, 2]]
+    groups = group_units(list(range(1, 40)), 6)
+    assert [i for g in groups for i in g] == list(range(39)) and len(groups) == 6
+    # a few parts per worker, at most one per unit, and no more copies of the trained index than it is worth
+    assert part_count(n_units=1000, parallelism=8, n_vectors=10**6, vector_bytes=72, trained_bytes=10**5) == 32
+    assert part_count(n_units=5, parallelism=8, n_vectors=10**6, vector_bytes=72, trained_bytes=10**5) == 5
+    assert part_count(n_units=1000, parallelism=8, n_vectors=10**6, vector_bytes=72, trained_bytes=10**7) == 7
+    assert part_count(n_units=1000, parallelism=8, n_vectors=10, vector_bytes=72, trained_bytes=10**7) == 1
+
+
+def test_a_forced_index_key_is_checked_with_faiss():
+    from mmdata.index import check_index_key
+
+    for key in ("IVF16,Flat", "OPQ16,IVF256,PQ16", "HNSW32", "Flat", "IVF64,PQ7np"):
+        check_index_key(key)
+    with pytest.raises(ValueError, match="could not parse index string IVFx,Flat"):
+        check_index_key("IVFx,Flat")
+    with pytest.raises(ValueError, match="empty"):
+        check_index_key(" ")
+    with pytest.raises(ValueError, match=r"multiple of the number of subquantizers"):
+        check_index_key("IVF16,PQ5", dim=32)

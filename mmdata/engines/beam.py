@@ -3,18 +3,21 @@
 Without ``--runner`` it is the FnApiRunner with ``--workers`` SDK worker processes on this machine
 (not the DirectRunner, which fetches the Prism runner from the internet). Flink, Spark and Dataflow
 take their standard options; their workers need mmdata too (``--setup_file ./setup.py`` or an
-``--sdk_container_image`` with it installed).
+``--sdk_container_image`` with it installed). ``map_tasks`` runs a second, small pipeline
+(``pipelines.beam_build.MapTasks``) whose results come back through the output folder.
 """
 from __future__ import annotations
 
+import json
 import sys
-from typing import Callable
+from typing import Any, Callable, Sequence
 
-from pipelines.beam_build import NAMESPACE, BuildShards  # first: it imports Beam without its GCP warnings
+from pipelines.beam_build import NAMESPACE, BuildShards, MapTasks  # first: it imports Beam without its GCP warnings
 
 from apache_beam import Pipeline
 from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.options.pipeline_options import PipelineOptions, PortableOptions, StandardOptions
+from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions, PortableOptions, StandardOptions,
+                                                  WorkerOptions)
 from apache_beam.runners.runner import PipelineState, create_runner
 
 from mmdata.config import BuildConfig
@@ -63,6 +66,7 @@ class BeamEngine:
     """Builds the pipeline for the planned units, runs it to the end, then reports each committed unit."""
 
     def __init__(self, config: BuildConfig):
+        self.config = config
         self.options = PipelineOptions(beam_args(config))
         self.runner = make_runner(self.options)  # before anything runs: Beam's own errors are obscure
         self.counters: dict[str, int] = {}
@@ -76,11 +80,7 @@ class BeamEngine:
     def map_units(self, config: BuildConfig, units: list[Unit], on_done: Callable[[dict], None]) -> list[dict]:
         pipeline = Pipeline(runner=self.runner, options=self.options)
         _ = pipeline | "BuildShards" >> BuildShards(config, units)
-        result = pipeline.run()
-        state = result.wait_until_finish()
-        if state != PipelineState.DONE:
-            raise RuntimeError(f"Beam pipeline ended {state}")
-        self.counters = read_counters(result)
+        self.counters = read_counters(run_to_the_end(pipeline))
         out = OutputDir(config.out)
         results = []
         for unit in units:  # every unit has committed its stats file by now (finalize re-checks)
@@ -90,8 +90,40 @@ class BeamEngine:
                 on_done(stats)
         return results
 
+    @property
+    def parallelism(self) -> int:
+        """The runner's worker count where the options name one, else ``--workers``."""
+        workers = self.options.view_as(WorkerOptions)
+        return (workers.max_num_workers or workers.num_workers or self.options.view_as(DirectOptions).direct_num_workers
+                or self.config.n_workers)
+
+    def map_tasks(self, fn: Callable[[Any], Any], items: Sequence[Any], *, name: str) -> list:
+        """Runs ``Create(items) → Reshuffle → ParDo(fn)``; each result is written as
+        ``OUT/.mmdata-tasks-<name>/<i>.json``, read back in item order, and the folder removed."""
+        if not items:
+            return []
+        out = OutputDir(self.config.out)
+        folder = f".mmdata-tasks-{name}"
+        out.remove(folder)
+        pipeline = Pipeline(runner=self.runner, options=self.options)
+        _ = pipeline | f"Map-{name}" >> MapTasks(fn, list(items), self.config.out, folder)
+        for name_, value in read_counters(run_to_the_end(pipeline)).items():  # tasks_run
+            self.counters[name_] = self.counters.get(name_, 0) + value
+        results = [json.loads(out.read_bytes(f"{folder}/{i:05d}.json")) for i in range(len(items))]
+        out.remove(folder)
+        return results
+
     def close(self) -> None:
         pass
+
+
+def run_to_the_end(pipeline: Pipeline):
+    """Run ``pipeline`` and wait; its result, or a RuntimeError unless it ended DONE."""
+    result = pipeline.run()
+    state = result.wait_until_finish()
+    if state != PipelineState.DONE:
+        raise RuntimeError(f"Beam pipeline ended {state}")
+    return result
 
 
 def read_counters(result) -> dict[str, int]:

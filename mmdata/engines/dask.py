@@ -3,7 +3,8 @@
 Tasks carry only the config and the unit (a few KB); models are loaded in the worker process by
 ``run_unit``'s per-process context, once. Units that need an accelerator ask for a Dask resource
 (``--dask-gpu-resource GPU`` → each task holds ``GPU=1`` while it runs), so they land only on
-workers started with ``--resources GPU=1`` and never two at a time on one GPU.
+workers started with ``--resources GPU=1`` and never two at a time on one GPU. The resource is an
+explicit opt-in applied to every task mmdata submits: units and index parts alike.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import importlib.util
 import logging
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import dask
 from distributed import Client, LocalCluster, as_completed
@@ -64,6 +65,8 @@ class DaskEngine:
 
     def __init__(self, config: BuildConfig):
         self.cluster: Optional[LocalCluster] = None
+        self.retries = config.dask_retries
+        self.tag = hashlib.sha256(f"{config.config_hash}:{config.out}".encode()).hexdigest()[:12]
         self.resources = {config.dask_gpu_resource: 1} if config.dask_gpu_resource else None
         if config.dask_address:
             probe_scheduler(config.dask_address)
@@ -115,6 +118,22 @@ class DaskEngine:
             while queue and running.count() < self._window():
                 running.add(submit())
         return results
+
+    @property
+    def parallelism(self) -> int:
+        return max(1, sum(self.client.nthreads().values()))
+
+    def map_tasks(self, fn: Callable[[Any], Any], items: Sequence[Any], *, name: str) -> list:
+        """One task per item (items are small: all are submitted at once), with the units' retries
+        and resources; results gathered in item order."""
+        futures = [self.client.submit(fn, item, key=f"mmdata-{name}-{i:05d}-{self.tag}", pure=False,
+                                      retries=self.retries, resources=self.resources)
+                   for i, item in enumerate(items)]
+        try:
+            return self.client.gather(futures)
+        finally:
+            for future in futures:
+                future.release()
 
     def close(self) -> None:
         if getattr(self, "client", None) is not None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import multiprocessing
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 from mmdata.config import BuildConfig
 from mmdata.records import Unit
@@ -14,6 +14,8 @@ class LocalEngine:
     """``--workers 1`` runs units in this process; more use a spawn-context process pool.
 
     At most two units per worker are in flight, so a huge plan does not pickle every unit at once.
+    The pool is shut down when the units are done (its workers hold the encoder models);
+    ``map_tasks`` starts its own.
     """
 
     def __init__(self, config: BuildConfig):
@@ -27,17 +29,37 @@ class LocalEngine:
                 results.append(run_unit(config, unit))
                 on_done(results[-1])
             return results
-        ctx = multiprocessing.get_context("spawn")
-        self.pool = ProcessPoolExecutor(max_workers=min(self.workers, len(units)), mp_context=ctx)
+        self.pool = self._new_pool(len(units))
         results, pending, queue = [], set(), list(reversed(units))
-        while queue or pending:
-            while queue and len(pending) < 2 * self.workers:
-                pending.add(self.pool.submit(run_unit, config, queue.pop()))
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in done:
-                results.append(fut.result())
-                on_done(results[-1])
+        try:
+            while queue or pending:
+                while queue and len(pending) < 2 * self.workers:
+                    pending.add(self.pool.submit(run_unit, config, queue.pop()))
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    results.append(fut.result())
+                    on_done(results[-1])
+        finally:
+            self.close()
         return results
+
+    @property
+    def parallelism(self) -> int:
+        return self.workers
+
+    def map_tasks(self, fn: Callable[[Any], Any], items: Sequence[Any], *, name: str) -> list:
+        """In this process for ``--workers 1`` (or a single item), else on a fresh process pool."""
+        if self.workers == 1 or len(items) <= 1:
+            return [fn(item) for item in items]
+        self.pool = self._new_pool(len(items))
+        try:
+            return list(self.pool.map(fn, items))
+        finally:
+            self.close()
+
+    def _new_pool(self, n_items: int) -> ProcessPoolExecutor:
+        ctx = multiprocessing.get_context("spawn")
+        return ProcessPoolExecutor(max_workers=min(self.workers, n_items), mp_context=ctx)
 
     def close(self) -> None:
         if self.pool is not None:

@@ -3,8 +3,9 @@
 faiss is imported on first use, so ``choose_index`` and the dataclasses work without it. Nothing in
 this package imports an engine (Dask, Beam): engines call the functions of ``distributed``.
 """
+from mmdata.index.backend import check_index_key, faiss_reason
 from mmdata.index.build import build_index, load_index
-from mmdata.index.choose import choose_index, estimate_index_bytes, is_mergeable
+from mmdata.index.choose import choose_index, estimate_index_bytes, is_ivf, is_mergeable
 from mmdata.index.distributed import add_partial, finalize_index, merge_partials, train_index
 from mmdata.index.evaluate import exact_knn, recall_at, search
 from mmdata.index.sources import EmbeddingSource
@@ -13,10 +14,13 @@ __all__ = [
     "EmbeddingSource",
     "add_partial",
     "build_index",
+    "check_index_key",
     "choose_index",
     "estimate_index_bytes",
     "exact_knn",
+    "faiss_reason",
     "finalize_index",
+    "is_ivf",
     "is_mergeable",
     "load_index",
     "merge_partials",

@@ -6,6 +6,7 @@ as the build recipe.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 INSTALL_HINT = (
@@ -53,6 +54,37 @@ def new_index(faiss: Any, index_key: str, dim: int) -> Any:
         # let the factory build the wrapper so that it owns the inner index
         index = faiss.index_factory(dim, f"IDMap,{index_key}", faiss.METRIC_INNER_PRODUCT)
     return index
+
+
+# Embedding dimensions a factory string is tried at before the real one is known (the last two have
+# many divisors, for PQ sizes no usual dimension takes).
+PROBE_DIMS = (512, 768, 1024, 384, 256, 1280, 640, 1536, 128, 64, 1680, 5040)
+
+
+def faiss_reason(exc: Exception) -> str:
+    """The human part of a faiss C++ error (``Error in f() at x.cpp:12: Error: 'c' failed: WHY`` → ``WHY``)."""
+    text = " ".join(str(exc).split())
+    for marker in ("failed: ", "Error: "):
+        if marker in text:
+            return text.rsplit(marker, 1)[1]
+    found = re.search(r"\.(?:cpp|cu|h):\d+: (.*)", text)
+    return found.group(1) if found else text
+
+
+def check_index_key(index_key: str, dim: int | None = None) -> None:
+    """ValueError with faiss' one-line reason unless faiss builds ``index_key`` for ``dim``
+    (without ``dim``: for at least one common embedding dimension, so a typo fails before a build)."""
+    faiss = import_faiss()
+    if not index_key.strip():
+        raise ValueError("an empty factory string")
+    first = None
+    for d in [dim] if dim else PROBE_DIMS:
+        try:
+            new_index(faiss, index_key, d)
+            return
+        except RuntimeError as exc:
+            first = first or exc
+    raise ValueError(faiss_reason(first))
 
 
 def set_seed(faiss: Any, index: Any, seed: int) -> None:

@@ -95,6 +95,14 @@ def is_mergeable(index_key: str) -> bool:
     return not graph and any(p.startswith("IVF") or p == "FLAT" for p in parts)
 
 
+def is_ivf(index_key: str) -> bool:
+    """Whether ``index_key`` is an inverted-file index (the kind a distributed build pays off for)."""
+    parsed = parse_index_key(index_key)
+    if parsed is not None:
+        return parsed["kind"].startswith("ivf")
+    return any(p.startswith("IVF") for p in index_key.upper().replace(" ", "").split(","))
+
+
 def estimate_index_bytes(index_key: str, n: int, dim: int) -> int | None:
     """Estimated in-memory (and on-disk) size of the index holding ``n`` vectors with ids.
 
