@@ -38,6 +38,7 @@ class Sample:
     audio_embedding: Any = None  # the audio encoder's row for this sample
     meta: dict = field(default_factory=dict)  # the json member's "meta": manifest columns and .json metadata
     doc: dict = field(default_factory=dict)  # further top-level fields of the json member (segments: start, end …)
+    view_parent: Optional["Sample"] = None  # for an augmented view (mmdata.views): the sample it was made from
 
 
 class Timer:
@@ -125,7 +126,8 @@ class RecordProcessor:
     def __init__(self, config: BuildConfig):
         self.config = config
         self.image = ImageTransform(image_options(config))
-        self.keep_images = "image" in config.embedded_modalities
+        # the resized image stays in memory for the encoder, and for the views to augment (no second decode)
+        self.keep_images = "image" in config.embedded_modalities or config.n_views > 0
         self._audio = None
 
     @property

@@ -2,7 +2,7 @@
 
 Reads each shard's samples back from its tar (images decoded once, captions from ``.txt``),
 writes ``embeddings/<modality>/<shard>.npy`` atomically, rebuilds the indexes and records the
-new model in manifest.json.
+new model in manifest.json. Augmented views keep zero rows unless the build embedded them (``embed_views``).
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from mmdata.plan import load_plan
 from mmdata.storage import OutputDir
 from mmdata.transforms.image import to_rgb
 from mmdata.unit import ENCODER_FACTS, embedding_file, shard_files
+from mmdata.views import unembedded_view
 from mmdata.writers.tar import read_tar_samples
 
 IMAGE_MEMBERS = ("jpg", "png", "webp")
@@ -57,6 +58,7 @@ def reembed(out_url: str, on_shard: Callable[[str, int], None] = lambda name, n:
         out.remove(f"embeddings/{modality}")
     for unit in units:
         samples = read_tar_samples(io.BytesIO(out.read_bytes(shard_files(unit.name)["tar"])))
+        samples = [(k, {} if unembedded_view(m.get("json"), config) else m) for k, m in samples]  # views: zero rows
         images = [_image(m) if "image" in config.embed else None for _, m in samples]
         captions = [m["txt"].decode("utf-8") if "txt" in m else None for _, m in samples]
         for modality, rows in embed_samples(encoder, config, images, captions).items():

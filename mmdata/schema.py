@@ -41,6 +41,9 @@ SHARD_SCHEMA = pa.schema(
         pa.field("reencoded", pa.bool_()),
         pa.field("caption", pa.string()),
         pa.field("meta", pa.string()),
+        # augmented views (null for originals)
+        pa.field("view_of", pa.string()),
+        pa.field("view", pa.int32()),
         # audio (null for samples without audio)
         pa.field("parent_key", pa.string()),
         pa.field("source_audio", pa.string()),

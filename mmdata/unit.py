@@ -22,6 +22,7 @@ from mmdata.records import Unit
 from mmdata.schema import SHARD_SCHEMA
 from mmdata.storage import OutputDir
 from mmdata.transforms.tokenize import get_tokenizer, tokenize_npy
+from mmdata.views import ViewMaker, embeds, is_view, rekey_views
 from mmdata.writers.table import table_bytes
 from mmdata.writers.tar import write_tar
 
@@ -37,6 +38,7 @@ class UnitContext:
         self.config = config
         self.out = OutputDir(config.out)
         self.processor = RecordProcessor(config)
+        self.views = ViewMaker(config) if config.n_views else None
         self.tokenizer = get_tokenizer(config.tokenizer) if config.tokenize else None
         self.encoder = make_encoder(config) if config.model else None
         self.audio_encoder = make_audio_encoder(config)
@@ -84,6 +86,8 @@ def run_unit(config: BuildConfig, unit: Unit) -> dict:
     samples: list[Sample] = []
     for record in unit.records:
         produced = ctx.processor(record, timer)  # one sample, or one per transcript segment
+        if ctx.views is not None:
+            produced = ctx.views(produced, timer)  # each written sample followed by its views
         if audio_embedder is not None:
             for s in produced:
                 audio_embedder.add(s, timer)
@@ -101,7 +105,9 @@ def run_unit(config: BuildConfig, unit: Unit) -> dict:
     embeddings = {}
     if ctx.encoder is not None:
         t0 = time.perf_counter()
-        embeddings = embed_samples(ctx.encoder, config, [s.image for s in written], [s.caption for s in written])
+        embedded = [embeds(s, config) for s in written]  # views: zero rows unless embed_views
+        embeddings = embed_samples(ctx.encoder, config, [s.image if e else None for s, e in zip(written, embedded)],
+                                   [s.caption if e else None for s, e in zip(written, embedded)])
         for s in written:
             s.image = None
         if config.embed_in_shards:
@@ -136,8 +142,9 @@ def run_unit(config: BuildConfig, unit: Unit) -> dict:
 def in_key_order(samples: list[Sample]) -> list[Sample]:
     """The unit's samples sorted by key (segments sit among the records). A segment key that
     equals another sample's key (a file literally named ``cat_s0001`` beside ``cat.wav`` + ``cat.srt``)
-    gets a suffix hashed from its parent's key."""
-    samples = sorted(samples, key=lambda s: s.row["key"])
+    gets a suffix hashed from its parent's key. Augmented views then follow their parents' keys."""
+    views = [s for s in samples if is_view(s)]
+    samples = sorted((s for s in samples if not is_view(s)), key=lambda s: s.row["key"])
     seen = Counter(s.row["key"] for s in samples)
     for s in samples:
         if seen[s.row["key"]] > 1 and s.row.get("parent_key"):
@@ -146,7 +153,8 @@ def in_key_order(samples: list[Sample]) -> list[Sample]:
             s.row.update(key=key, id=key_to_id(key))
             if "json" in s.members:
                 write_json(s)
-    return sorted(samples, key=lambda s: s.row["key"])
+    rekey_views(views, {s.row["key"] for s in samples})
+    return sorted(samples + views, key=lambda s: s.row["key"])
 
 
 def unit_stats(unit: Unit, config: BuildConfig, samples: list[Sample], timer: Timer, started: float, tar_bytes: int) -> dict:
