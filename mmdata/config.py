@@ -13,6 +13,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mmdata.augment.config import AugmentConfig, load_augment_config
 from mmdata.errors import UserError
 from mmdata.transforms.audio_config import AudioConfig
 
@@ -21,7 +22,10 @@ MODALITIES = ("image", "text", "audio")
 # Fields that decide *where* or *how fast* the job runs, not *what* it writes.
 RUNTIME_FIELDS = frozenset({"out", "workers", "engine", "overwrite", "progress", "dask_address", "beam_options",
                             "dask_gpu_resource", "dask_retries",
-                            "device", "embed_batch_size", "index_memory_gb", "index_recall_target"})
+                            "device", "embed_batch_size", "index_memory_gb", "index_recall_target",
+                            "index_key", "index_distributed"})
+
+AUGMENT_FIELDS = frozenset({"augment", "views", "augment_seed", "keep_originals", "embed_views"})
 
 
 class BuildConfig(BaseModel):
@@ -68,6 +72,12 @@ class BuildConfig(BaseModel):
     min_segment: float = Field(0.0, ge=0, description="shorter segments merge with a neighbour (else filtered)")
     max_segment: Optional[float] = Field(None, gt=0, description="longer segments are split at a pause (else filtered)")
     max_merge_gap: float = Field(1.0, ge=0, description="seconds of silence across which short segments merge")
+    # offline augmentation: N seeded views per written sample, written as <key>_v01 … (mmdata/views.py)
+    augment: Optional[AugmentConfig] = Field(None, description="augment ops: a mapping, or the path of a YAML file")
+    views: Optional[int] = Field(None, ge=0, le=99, description="augmented views per sample (default: the augment config's views)")
+    augment_seed: Optional[int] = Field(None, description="seed of the views (flag --seed; default: the augment config's seed)")
+    keep_originals: bool = Field(True, description="also write the originals (else their rows are filtered replaced:views)")
+    embed_views: bool = Field(False, description="embed the views like originals (else their embedding rows are zero)")
     # embeddings (an open_clip model; none by default)
     model: Optional[str] = Field(None, description="open_clip model for image/text embeddings, e.g. ViT-B-32")
     pretrained: Optional[str] = Field("laion2b_s34b_b79k", description="open_clip tag, local checkpoint path, or 'random' (tests)")
@@ -85,6 +95,10 @@ class BuildConfig(BaseModel):
     index: bool = Field(True, description="build a FAISS index per embedded modality at finalize")
     index_memory_gb: float = Field(4.0, gt=0)
     index_recall_target: float = Field(0.95, gt=0, le=1)
+    index_key: Optional[str] = Field(None, description="force a faiss factory string (IVF1024,Flat; OPQ16,IVF256,PQ16; "
+                                     "HNSW32); default: chosen from the corpus size and index_memory_gb")
+    index_distributed: Literal["auto", "on", "off"] = Field(
+        "auto", description="add embeddings to the index on the engine, in parallel (auto: for IVF indexes on dask/beam)")
 
     @field_validator("require", "embed", mode="before")
     @classmethod
@@ -99,9 +113,35 @@ class BuildConfig(BaseModel):
             raise ValueError("max_segment must be >= min_segment")
         return self
 
+    @model_validator(mode="before")
+    @classmethod
+    def _augment_defaults(cls, data: Any) -> Any:
+        """Load ``augment`` (a mapping or a YAML path: a bad one is a one-line UserError) and take
+        ``views`` and ``augment_seed`` from it when not given, so the hash holds the values used."""
+        if not isinstance(data, dict) or data.get("augment") is None:
+            return data
+        aug = load_augment_config(data["augment"])
+        return {**data, "augment": aug, "views": aug.views if data.get("views") is None else data["views"],
+                "augment_seed": aug.seed if data.get("augment_seed") is None else data["augment_seed"]}
+
+    @model_validator(mode="after")
+    def _check_views(self) -> "BuildConfig":
+        if self.views and self.augment is None:
+            raise ValueError("views need an augment config (--augment CONFIG.yaml)")
+        if not self.keep_originals and not self.views:
+            raise ValueError("dropping the originals (keep_originals: false) needs views >= 1")
+        return self
+
+    @property
+    def n_views(self) -> int:
+        """Augmented views written per sample (0 without an augment config)."""
+        return (self.views or 0) if self.augment is not None else 0
+
     def content_dict(self) -> dict:
-        """The fields that determine the output bytes."""
-        return {k: v for k, v in self.model_dump(mode="json").items() if k not in RUNTIME_FIELDS}
+        """The fields that determine the output bytes. Without an augment config the augmentation
+        fields change nothing, and stay out (builds made before they existed keep their hash)."""
+        skip = RUNTIME_FIELDS | (AUGMENT_FIELDS if self.augment is None else frozenset())
+        return {k: v for k, v in self.model_dump(mode="json").items() if k not in skip}
 
     @property
     def config_hash(self) -> str:

@@ -58,6 +58,11 @@ def build(
     min_segment: Optional[float] = typer.Option(None, help="transcripts: merge shorter segments with a neighbour (seconds)"),
     max_segment: Optional[float] = typer.Option(None, help="transcripts: split longer segments at a pause (seconds)"),
     max_merge_gap: Optional[float] = typer.Option(None, help="transcripts: largest gap a merge spans (seconds, default 1)"),
+    augment: Optional[str] = typer.Option(None, "--augment", help="augmentation config (YAML): write seeded views <key>_v01 … of every written sample"),
+    views: Optional[int] = typer.Option(None, "--views", help="--augment: views per sample (default: the config's views)"),
+    augment_seed: Optional[int] = typer.Option(None, "--seed", help="--augment: seed of the views (default: the config's seed)"),
+    keep_originals: Optional[bool] = typer.Option(None, "--keep-originals/--drop-originals", help="--augment: also write the originals (default) or only their views"),
+    embed_views: Optional[bool] = typer.Option(None, "--embed-views", help="--augment: embed and index the views too (default: zero rows)"),
     model: Optional[str] = typer.Option(None, help="open_clip model to embed images/text with, e.g. ViT-B-32 (default: no embeddings)"),
     pretrained: Optional[str] = typer.Option(None, help="open_clip tag (laion2b_s34b_b79k) or a local checkpoint path"),
     embed: Optional[str] = typer.Option(None, help="modalities to embed (default image,text)"),
@@ -71,6 +76,8 @@ def build(
     clap_model: Optional[str] = typer.Option(None, help="CLAP hub id or local folder (default laion/clap-htsat-unfused)"),
     index: Optional[bool] = typer.Option(None, "--index/--no-index", help="build FAISS indexes at finalize (default on)"),
     index_memory_gb: Optional[float] = typer.Option(None, "--index-memory", help="memory budget of each index in GB (default 4)"),
+    index_key: Optional[str] = typer.Option(None, help="force the faiss index type, e.g. IVF1024,Flat | OPQ16,IVF256,PQ16 | HNSW32 (default: chosen by size and --index-memory)"),
+    index_distributed: Optional[str] = typer.Option(None, help="auto (default: on for IVF indexes with --engine dask/beam) | on | off: add embeddings to the index on the engine"),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="rebuild from scratch instead of resuming"),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress"),
 ) -> None:
@@ -90,7 +97,9 @@ def build(
 
 def print_summary(manifest: dict, out: str) -> None:
     c = manifest["counts"]
-    typer.echo(f"{c['inputs']} records: {c['written']} written, {c['filtered']} filtered, {c['failed']} failed "
+    records = manifest.get("records", c["inputs"])  # rows outnumber records with segments and views
+    rows = f"{records} records" if records == c["inputs"] else f"{records} records, {c['inputs']} rows"
+    typer.echo(f"{rows}: {c['written']} written, {c['filtered']} filtered, {c['failed']} failed "
                f"in {manifest['timings']['wall_seconds']:.1f} s ({manifest['timings']['samples_per_second']:.1f} samples/s)")
     for status in ("filtered", "failed"):
         for reason, n in sorted(manifest["reasons"][status].items(), key=lambda kv: -kv[1]):
@@ -166,20 +175,23 @@ def search(
     image: Optional[str] = typer.Option(None, "--image", help="query image path or URL"),
     key: Optional[str] = typer.Option(None, "--key", help="neighbours of a stored sample (itself excluded)"),
     embedding: Optional[Path] = typer.Option(None, "--embedding", help="a .npy query vector"),
-    modality: str = typer.Option("image", "--modality", help="which index to search: image | text | fused | audio"),
+    audio: Optional[str] = typer.Option(None, "--audio", help="query audio file path or URL (similar sounds)"),
+    modality: Optional[str] = typer.Option(None, "--modality", help="which index to search: image | text | fused | audio "
+                                           "(default: audio for --audio, else image)"),
     k: int = typer.Option(10, "-k", min=1, help="number of results"),
     as_json: bool = typer.Option(False, "--json", help="one JSON object per result"),
-    model: Optional[str] = typer.Option(None, help="must match the build's model (checked)"),
+    model: Optional[str] = typer.Option(None, help="must match the build's model (checked; the CLAP model for --modality audio)"),
     pretrained: Optional[str] = typer.Option(None, help="must match the build's weights (checked)"),
 ) -> None:
-    """Nearest neighbours: text→image, image→image, key→neighbours, embedding→neighbours."""
+    """Nearest neighbours: text→image, image→image, audio→audio, text→audio (CLAP), key→neighbours, embedding→neighbours."""
     import numpy as np
 
     from mmdata.retrieval import Retriever
 
-    given = [q for q in (text, image, key, embedding) if q is not None]
+    given = [q for q in (text, image, key, embedding, audio) if q is not None]
     if len(given) != 1:
-        fail("give exactly one of --text, --image, --key, --embedding")
+        fail("give exactly one of --text, --image, --key, --embedding, --audio")
+    modality = modality or ("audio" if audio is not None else "image")
     try:
         r = Retriever(out)
         chosen = {"model": model, "pretrained": pretrained}
@@ -187,6 +199,10 @@ def search(
             hits = r.search_text(text, k, modality, **chosen)
         elif image is not None:
             hits = r.search_image(image, k, modality, **chosen)
+        elif audio is not None:
+            if pretrained:
+                fail("--pretrained names open_clip weights; an audio query uses the build's audio encoder")
+            hits = r.search_audio(audio, k, modality, model=model)
         elif key is not None:
             hits = r.search_key(key, k, modality)
         else:
