@@ -21,6 +21,7 @@ demo: setup
 	$(PY) -m pipelines.demo_corpus demo_corpus --copies 3
 	$(VENV)/bin/mmdata build --input demo_corpus --out demo_out --config pipelines/configs/demo.yaml
 	$(VENV)/bin/mmdata verify demo_out
+	$(VENV)/bin/mmdata search demo_out --key animals_chelsea -k 3
 	@echo "demo output: $(CURDIR)/demo_out  (shards in demo_out/shards, summary in demo_out/manifest.json)"
 
 test: setup

@@ -108,6 +108,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="only 100k vectors")
     parser.add_argument("--memory-gb", type=float, default=4.0, help="build_index's default budget")
     parser.add_argument("--recall-target", type=float, default=0.95)
+    parser.add_argument("--tight-memory-gb", type=float, default=0.4,
+                        help="then the largest size again under this budget: the compressed rung (0: skip)")
     parser.add_argument("--rows-per-file", type=int, default=50_000)
     parser.add_argument("--json", action="store_true", help="also print the full infos")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -120,6 +122,13 @@ def main() -> None:
           f"{os.cpu_count()} cpus", flush=True)
     for n in sizes:
         infos = run(n, args.dim, args)
+        report(infos)
+        if args.json:
+            print(json.dumps(infos))
+    if args.tight_memory_gb:
+        args.memory_gb = args.tight_memory_gb
+        print(f"memory budget {args.memory_gb} GiB:", flush=True)
+        infos = run(max(sizes), args.dim, args)
         report(infos)
         if args.json:
             print(json.dumps(infos))

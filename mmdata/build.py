@@ -7,6 +7,7 @@ import time
 from tqdm import tqdm
 
 from mmdata.config import BuildConfig
+from mmdata.embedding import check_models
 from mmdata.engines.base import get_engine
 from mmdata.finalize import finalize
 from mmdata.indexing import check_index_options
@@ -19,6 +20,7 @@ def build(config: BuildConfig) -> dict:
     started = time.perf_counter()
     check_input(config.input)
     check_index_options(config)
+    check_models(config)  # before planning: a model that cannot be loaded fails in one line, now
     out = OutputDir(config.out)
     out.ensure_writable()
     if config.overwrite:
@@ -37,7 +39,7 @@ def build(config: BuildConfig) -> dict:
     def on_done(stats: dict) -> None:
         written[0] += stats["counts"]["written"]
         bar.set_postfix(written=written[0], refresh=False)
-        bar.update(stats["counts"]["inputs"])
+        bar.update(stats["counts"]["records"])  # the bar counts records (a split recording is one)
 
     try:
         try:

@@ -51,6 +51,9 @@ def reembed(out_url: str, on_shard: Callable[[str, int], None] = lambda name, n:
         raise UserError(f"bad option: {str(exc).splitlines()[0]}") from None
     if not config.model:
         raise UserError("give --model (an open_clip model name)")
+    if manifest["config"].get("embed_in_shards"):
+        raise UserError(f"{out_url} was built with --embed-in-shards: its tars hold the old model's embeddings, "
+                        "which mmdata embed does not rewrite; rebuild with --model … --overwrite")
     started = time.perf_counter()
     encoder = make_encoder(config)
     units, _ = load_plan(out)
@@ -71,10 +74,11 @@ def reembed(out_url: str, on_shard: Callable[[str, int], None] = lambda name, n:
         stats["audio_encoder"] = manifest["embeddings"]["audio_encoder"]
     manifest["embeddings"] = embeddings_facts(config, [stats])
     manifest.setdefault("timings", {})["embed_seconds"] = round(time.perf_counter() - started, 3)
+    out.remove("index")  # the old indexes belong to the old model (with --no-index: no index at all)
+    manifest.pop("index", None)
     if config.index:
         from mmdata.indexing import build_indexes
 
-        out.remove("index")
         infos = build_indexes(config, out, units)
         manifest["index"] = {m: {k: i.get(k) for k in ("index_key", "n", "recall_at_10")} for m, i in infos.items()}
     out.write_bytes("manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())

@@ -68,14 +68,7 @@ class Retriever:
         return self._indexes[modality]
 
     def _local_index(self, modality: str) -> str:
-        rel = f"index/{modality}.index"
-        if self.out.local:
-            return self.out.path(rel)
-        import tempfile
-
-        path = tempfile.mkstemp(suffix=".index")[1]
-        self.out.fs.get_file(self.out.path(rel), path)
-        return path
+        return self.out.local_path(f"index/{modality}.index")
 
     def encoder(self, model: Optional[str] = None, pretrained: Optional[str] = None):
         """The build's encoder; ``model``/``pretrained`` must match what the build used."""

@@ -65,6 +65,18 @@ class OutputDir:
     def makedirs(self, rel: str) -> None:
         self.fs.makedirs(self.path(rel), exist_ok=True)
 
+    def local_path(self, rel: str) -> str:
+        """A local file holding ``rel``: the file itself on a local output, else a temporary copy
+        (for libraries that read only local paths, such as faiss's ``read_index``)."""
+        if self.local:
+            return self.path(rel)
+        import tempfile
+
+        fd, path = tempfile.mkstemp(suffix=posixpath.splitext(rel)[1])
+        os.close(fd)
+        self.fs.get_file(self.path(rel), path)
+        return path
+
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self.path(rel))
 

@@ -14,8 +14,8 @@ from typing import Optional
 
 from mmdata import __version__
 from mmdata.config import BuildConfig
-from mmdata.embedding import (AudioEmbedder, audio_encoder_facts, embed_samples, make_audio_encoder, make_encoder,
-                              npy_bytes)
+from mmdata.embedding import (AudioEmbedder, ImageEmbedder, audio_encoder_facts, embed_samples, make_audio_encoder,
+                              make_encoder, npy_bytes)
 from mmdata.keys import key_to_id, sanitize_key
 from mmdata.process import RecordProcessor, Sample, Timer, write_json
 from mmdata.records import Unit
@@ -83,6 +83,17 @@ def run_unit(config: BuildConfig, unit: Unit) -> dict:
     started = time.time()
     timer = Timer()
     audio_embedder = AudioEmbedder(ctx.audio_encoder, config.embed_batch_size) if ctx.audio_encoder else None
+    image_embedder = (ImageEmbedder(ctx.encoder, config.embed_batch_size)
+                      if ctx.encoder is not None and "image" in config.embed else None)
+    try:
+        return _run(ctx, config, unit, files, timer, started, audio_embedder, image_embedder)
+    finally:
+        if image_embedder is not None:
+            image_embedder.close()
+
+
+def _run(ctx: UnitContext, config: BuildConfig, unit: Unit, files: dict, timer: Timer, started: float,
+         audio_embedder: Optional[AudioEmbedder], image_embedder: Optional[ImageEmbedder]) -> dict:
     samples: list[Sample] = []
     for record in unit.records:
         produced = ctx.processor(record, timer)  # one sample, or one per transcript segment
@@ -91,6 +102,10 @@ def run_unit(config: BuildConfig, unit: Unit) -> dict:
         if audio_embedder is not None:
             for s in produced:
                 audio_embedder.add(s, timer)
+        if image_embedder is not None:  # embedded in the background while the next records decode
+            for s in produced:
+                if s.row["status"] == "written" and embeds(s, config):
+                    image_embedder.add(s)
         samples.extend(produced)
     samples = in_key_order(samples)
     written = [s for s in samples if s.row["status"] == "written"]
@@ -106,8 +121,9 @@ def run_unit(config: BuildConfig, unit: Unit) -> dict:
     if ctx.encoder is not None:
         t0 = time.perf_counter()
         embedded = [embeds(s, config) for s in written]  # views: zero rows unless embed_views
-        embeddings = embed_samples(ctx.encoder, config, [s.image if e else None for s, e in zip(written, embedded)],
-                                   [s.caption if e else None for s, e in zip(written, embedded)])
+        image_rows = image_embedder.rows(written, timer) if image_embedder is not None else None
+        embeddings = embed_samples(ctx.encoder, config, [None] * len(written),
+                                   [s.caption if e else None for s, e in zip(written, embedded)], image_rows=image_rows)
         for s in written:
             s.image = None
         if config.embed_in_shards:

@@ -178,6 +178,17 @@ def test_reembed_with_another_model(corpus, tmp_path):
     assert manifest["embeddings"]["encoder"]["seed"] == 1
     assert not np.array_equal(first, np.load(out / "embeddings" / "image" / "00000.npy"))
     assert Retriever(str(out)).search_text("a cat", k=2)
+    # without an index, the old model's index does not linger beside the new embeddings
+    manifest = reembed(str(out), model="mmdata-tiny", pretrained="random", model_seed=2, index=False)
+    assert not (out / "index").exists() and "index" not in manifest
+
+
+def test_reembed_refuses_in_shard_copies(embedded, tmp_path):
+    out = tmp_path / "o"
+    shutil.copytree(embedded[0], out)  # built with --embed-in-shards
+    res = subprocess.run(MMDATA + ["embed", str(out), "--model", "mmdata-tiny", "--pretrained", "random"],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "--embed-in-shards" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_forced_index_key_and_its_errors(corpus, embedded, tmp_path):

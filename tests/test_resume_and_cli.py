@@ -114,3 +114,16 @@ def test_inspect_and_verify_commands(built, tmp_path):
     junk = tmp_path / "junk.tar"
     junk.write_bytes(b"not a tar" * 100)
     assert_one_line_error(cli("inspect", str(junk)), "not a readable tar")
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--model", "ViT-B-32"], "HF_HUB_OFFLINE"),                       # a tag whose weights are not cached
+    (["--model", "ViT-B-32", "--pretrained", "/no/such/ckpt.pt"], "not found"),
+    (["--model", "ViT-B-99"], "unknown model"),
+])
+def test_a_model_that_cannot_load_fails_before_planning(corpus, tmp_path, args, fragment):
+    out = tmp_path / "o"
+    res = subprocess.run(MMDATA + ["build", "-i", corpus[0], "-o", str(out), "--no-progress", *args],
+                         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert_one_line_error(res, fragment)
+    assert not (out / "plan.parquet").exists()  # nothing was planned or run

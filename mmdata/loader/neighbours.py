@@ -74,14 +74,7 @@ class NeighbourLookup:
         return {**self.__dict__, "_index": None, "_table": None}
 
     def _local_index(self) -> str:
-        rel = f"index/{self.modality}.index"
-        if self.out.local:
-            return self.out.path(rel)
-        import tempfile
-
-        path = tempfile.mkstemp(suffix=".index")[1]
-        self.out.fs.get_file(self.out.path(rel), path)
-        return path
+        return self.out.local_path(f"index/{self.modality}.index")
 
     @property
     def index(self):
