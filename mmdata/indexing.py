@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mmdata.config import BuildConfig
@@ -22,7 +23,6 @@ from mmdata.errors import UserError
 from mmdata.records import Unit
 from mmdata.storage import OutputDir
 from mmdata.unit import embedding_file, shard_files
-from mmdata.writers.table import table_bytes
 
 if TYPE_CHECKING:
     from mmdata.engines.base import Engine
@@ -36,22 +36,53 @@ IDS_SCHEMA = pa.schema([
 ])
 
 
-def written_rows(out: OutputDir, units: list[Unit]) -> list[dict]:
-    """id, key, shard, row, caption of every written sample, in shard then row order."""
-    rows = []
-    for unit in units:
-        table = pq.read_table(io.BytesIO(out.read_bytes(shard_files(unit.name)["parquet"])),
-                              columns=["id", "key", "status", "row", "caption"])
-        for r in table.to_pylist():
-            if r["status"] == "written":
-                rows.append({"id": r["id"], "key": r["key"], "shard": f"{unit.name}.tar", "row": r["row"], "caption": r["caption"]})
-    return rows
+ROW_GROUP_ROWS = 1 << 17  # rows per row group of ids.parquet: what its writer holds at most, beyond one shard
+
+
+def _written(out: OutputDir, name: str, columns: list[str]) -> pa.Table:
+    """``columns`` of unit ``name``'s written samples, in row order."""
+    table = pq.read_table(io.BytesIO(out.read_bytes(shard_files(name)["parquet"])), columns=[*columns, "status"])
+    return table.filter(pc.equal(table.column("status"), "written")).select(columns)
+
+
+def written_table(out: OutputDir, name: str) -> pa.Table:
+    """Unit ``name``'s rows of ids.parquet (``IDS_SCHEMA``): id, key, shard, row, caption of its
+    written samples, in row order."""
+    table = _written(out, name, ["id", "key", "row", "caption"])
+    columns = {"id": table.column("id"), "key": table.column("key"), "shard": pa.repeat(f"{name}.tar", table.num_rows),
+               "row": table.column("row"), "caption": table.column("caption")}
+    return pa.table({f.name: columns[f.name].cast(f.type) for f in IDS_SCHEMA}, schema=IDS_SCHEMA)
+
+
+def write_ids(out: OutputDir, units: list[Unit]) -> dict[str, np.ndarray]:
+    """Write ``index/ids.parquet`` (the written samples, in shard then row order) one shard at a time;
+    return each unit's written ids, in row order (the rows of its embedding files).
+
+    Row groups hold ``ROW_GROUP_ROWS`` rows (the last one the rest), so the bytes depend only on the
+    rows, not on how they were read: the same shards give the same file on every engine.
+    """
+    ids: dict[str, np.ndarray] = {}
+    with out.atomic_open("index/ids.parquet") as fh, pq.ParquetWriter(fh, IDS_SCHEMA, compression="zstd") as writer:
+        pending: list[pa.Table] = []
+        n_pending, n_written = 0, 0
+        for unit in units:
+            table = written_table(out, unit.name)
+            ids[unit.name] = np.asarray(table.column("id").to_numpy(), dtype=np.int64)
+            pending.append(table)
+            n_pending += table.num_rows
+            while n_pending >= ROW_GROUP_ROWS:
+                buffered = pa.concat_tables(pending)
+                writer.write_table(buffered.slice(0, ROW_GROUP_ROWS).combine_chunks())
+                rest = buffered.slice(ROW_GROUP_ROWS)
+                pending, n_pending, n_written = [rest], rest.num_rows, n_written + ROW_GROUP_ROWS
+        if n_pending or not n_written:  # the rest; an empty corpus still gets one (empty) row group
+            writer.write_table(pa.concat_tables(pending).combine_chunks() if pending else IDS_SCHEMA.empty_table())
+    return ids
 
 
 def written_ids(out: OutputDir, name: str) -> np.ndarray:
     """The ids of unit ``name``'s written samples, in row order (the rows of its embedding files)."""
-    table = pq.read_table(io.BytesIO(out.read_bytes(shard_files(name)["parquet"])), columns=["id", "status"])
-    return np.asarray([r["id"] for r in table.to_pylist() if r["status"] == "written"], dtype=np.int64)
+    return np.asarray(_written(out, name, ["id"]).column("id").to_numpy(), dtype=np.int64)
 
 
 def unit_source(out: OutputDir, modality: str, name: str, ids: np.ndarray, scratch: str):
@@ -133,20 +164,15 @@ def build_indexes(config: BuildConfig, out: OutputDir, units: list[Unit], engine
     from mmdata.index.sources import validate_sources
     from mmdata.index_parts import DistributedBuild
 
-    rows = written_rows(out, units)
-    out.write_bytes("index/ids.parquet", table_bytes(rows, IDS_SCHEMA))
+    ids_by_unit = write_ids(out, units)
     infos: dict[str, dict] = {}
-    ids_by_shard: dict[str, list[int]] = {}
-    for r in rows:
-        ids_by_shard.setdefault(r["shard"][:-4], []).append(r["id"])
     with local_dir(out) as root, tempfile.TemporaryDirectory(prefix="mmdata-emb-") as scratch:
         os.makedirs(os.path.join(root, "index"), exist_ok=True)
         distributed = DistributedBuild(config, out, root, engine)
         for modality in config.embedded_modalities:
             names, sources = [], []
             for unit in units:
-                ids = np.asarray(ids_by_shard.get(unit.name, []), dtype=np.int64)
-                source = unit_source(out, modality, unit.name, ids, scratch)
+                source = unit_source(out, modality, unit.name, ids_by_unit[unit.name], scratch)
                 if source is not None:
                     names.append(unit.name)
                     sources.append(source)

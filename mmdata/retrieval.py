@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 import numpy as np
-import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 from mmdata.errors import UserError
+from mmdata.id_table import IdTable
 from mmdata.storage import OutputDir, read_bytes
 from mmdata.transforms.image import to_rgb
 
@@ -46,9 +46,7 @@ class Retriever:
             raise UserError(f"{out} has no index (build it with --model … or --audio-encoder …, without --no-index)")
         self.infos = json.loads(self.out.read_bytes("index/index_infos.json"))
         self.manifest = json.loads(self.out.read_bytes("manifest.json"))
-        table = pq.read_table(io.BytesIO(self.out.read_bytes("index/ids.parquet"))).to_pylist()
-        self._by_id = {r["id"]: r for r in table}
-        self._by_key = {r["key"]: r for r in table}
+        self._ids = IdTable(self.out, captions=True)  # arrays: no per-row Python objects
         self.device = device
         self._indexes: dict = {}
         self._encoder = None
@@ -100,13 +98,10 @@ class Retriever:
             raise UserError(f"query has dimension {q.shape[1]}, the {modality} index {index.d}")
         q /= max(float(np.linalg.norm(q)), 1e-12)
         scores, ids = search(index, q, k + (1 if exclude is not None else 0))
-        hits = []
-        for score, id_ in zip(scores[0], ids[0]):
-            if id_ == -1 or id_ == exclude or len(hits) == k:
-                continue
-            r = self._by_id[int(id_)]
-            hits.append(Hit(len(hits) + 1, float(score), int(id_), r["key"], r["caption"], r["shard"], r["row"]))
-        return hits
+        kept = [(float(score), int(id_)) for score, id_ in zip(scores[0], ids[0]) if id_ != -1 and id_ != exclude][:k]
+        rows = self._ids.records(self._ids.locate(np.asarray([id_ for _, id_ in kept], dtype=np.int64)))
+        return [Hit(rank, score, id_, r["key"], r["caption"], r["shard"], r["row"])
+                for rank, ((score, id_), r) in enumerate(zip(kept, rows), start=1)]
 
     def audio_encoder(self, model: Optional[str] = None):
         """The build's audio encoder (mel-stats or CLAP), re-created from the manifest's facts;
@@ -194,10 +189,18 @@ class Retriever:
         encoder = self.audio_encoder(model)
         return self.search_embedding(encoder.encode_audio([self.audio_query(path_or_url)])[0], k, modality)
 
-    def embedding_of(self, key: str, modality: str = "image") -> np.ndarray:
-        row = self._by_key.get(key)
-        if row is None:
+    def _record(self, key: str) -> dict:
+        """The ids.parquet row of ``key`` (id, key, shard, row, caption)."""
+        pos = self._ids.find_key(key)
+        if pos is None:
             raise UserError(f"unknown key {key!r} in {self.out.url}")
+        return self._ids.records([pos])[0]
+
+    def embedding_of(self, key: str, modality: str = "image") -> np.ndarray:
+        return self._embedding(self._record(key), modality)
+
+    def _embedding(self, row: dict, modality: str) -> np.ndarray:
+        key = row["key"]
         emb = np.load(io.BytesIO(self.out.read_bytes(f"embeddings/{modality}/{row['shard'][:-4]}.npy")))
         vec = emb[row["row"]].astype(np.float32)
         if not vec.any():  # the sample lacks this modality: a zero row, left out of the index
@@ -207,4 +210,5 @@ class Retriever:
     def search_key(self, key: str, k: int = 10, modality: str = "image") -> list[Hit]:
         """Neighbours of a stored sample, itself excluded."""
         self.index(modality)
-        return self.search_embedding(self.embedding_of(key, modality), k, modality, exclude=self._by_key[key]["id"])
+        row = self._record(key)
+        return self.search_embedding(self._embedding(row, modality), k, modality, exclude=row["id"])

@@ -7,42 +7,17 @@ itself is dropped, and the neighbours' stored embeddings are gathered by (shard,
 """
 from __future__ import annotations
 
-import io
 import json
 from typing import Optional, Sequence
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 import torch.utils.data
 
 from mmdata.errors import UserError
+from mmdata.id_table import IdTable
 from mmdata.loader.store import EmbeddingStore
 from mmdata.storage import OutputDir
-
-
-class IdTable:
-    """id → (shard, row, key) over ``index/ids.parquet``, as sorted numpy arrays (no per-row dicts)."""
-
-    def __init__(self, out: OutputDir):
-        table = pq.read_table(io.BytesIO(out.read_bytes("index/ids.parquet")), columns=["id", "key", "shard", "row"])
-        ids = table.column("id").to_numpy()
-        order = np.argsort(ids, kind="stable")
-        self.ids = ids[order]
-        shards = [s[:-4] for s in table.column("shard").to_pylist()]
-        self.shard_names = sorted(set(shards))
-        code = {s: i for i, s in enumerate(self.shard_names)}
-        self.shard = np.asarray([code[s] for s in shards], dtype=np.int32)[order]
-        self.row = table.column("row").to_numpy().astype(np.int64)[order]
-        self.keys = np.asarray(table.column("key").to_pylist(), dtype=object)[order]
-
-    def locate(self, ids: np.ndarray) -> np.ndarray:
-        """Positions of ``ids`` in the table (ids must be present)."""
-        pos = np.searchsorted(self.ids, ids)
-        pos = np.minimum(pos, len(self.ids) - 1)
-        if not np.array_equal(self.ids[pos], ids):
-            raise KeyError("ids not in index/ids.parquet")
-        return pos
 
 
 class NeighbourLookup:
@@ -122,7 +97,7 @@ class NeighbourLookup:
         flat = ids[mask]
         pos = self.table.locate(flat)
         keys = np.full(ids.shape, None, dtype=object)
-        keys[mask] = self.table.keys[pos]
+        keys[mask] = self.table.keys_at(pos)
         gathered = {}
         shard_codes, rows = self.table.shard[pos], self.table.row[pos]
         for m, store in self._stores.items():
