@@ -18,6 +18,14 @@ def corpus(tmp_path_factory):
     return str(root), expected
 
 
+@pytest.fixture(scope="session")
+def big_corpus(tmp_path_factory):
+    """The demo corpus with three copies of each photo (73 records): enough units to kill a build mid-run."""
+    root = tmp_path_factory.mktemp("big")
+    make_corpus(str(root), copies=3)
+    return str(root)
+
+
 def run_build(input, out, **kw):
     kw.setdefault("progress", False)
     kw.setdefault("samples_per_shard", 8)

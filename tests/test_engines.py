@@ -24,7 +24,6 @@ from mmdata.errors import UserError
 from mmdata.plan import cut_units, list_records
 from mmdata.retrieval import Retriever
 from mmdata.verify import verify_output
-from pipelines.demo_corpus import make_corpus
 
 MMDATA = [sys.executable, "-m", "mmdata"]
 BEAM_BUILD = [sys.executable, "-m", "pipelines.beam_build"]
@@ -121,13 +120,6 @@ def test_local_dask_and_beam_builds_are_byte_identical(corpus, reference, tmp_pa
     for status in ("filtered", "failed"):
         for reason, n in ref_manifest["reasons"][status].items():
             assert counters[f"{status}:{reason}"] == n
-
-
-@pytest.fixture(scope="module")
-def big_corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("big")
-    make_corpus(str(root), copies=3)
-    return str(root)
 
 
 def test_dask_worker_killed_mid_unit_changes_nothing(big_corpus, tmp_path):

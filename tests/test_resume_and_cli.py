@@ -13,7 +13,6 @@ import pytest
 
 from conftest import run_build
 from mmdata.verify import verify_output
-from pipelines.demo_corpus import make_corpus
 
 MMDATA = [sys.executable, "-m", "mmdata"]
 
@@ -21,13 +20,6 @@ MMDATA = [sys.executable, "-m", "mmdata"]
 def digests(out):
     files = sorted(glob.glob(f"{out}/shards/*.tar") + glob.glob(f"{out}/shards/*.parquet") + [f"{out}/shards/sizes.json"])
     return {os.path.basename(f): hashlib.sha256(open(f, "rb").read()).hexdigest() for f in files}
-
-
-@pytest.fixture(scope="module")
-def big_corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("big")
-    make_corpus(str(root), copies=3)
-    return str(root)
 
 
 def test_sigkill_mid_run_then_resume_is_identical(big_corpus, tmp_path):
