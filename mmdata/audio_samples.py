@@ -10,7 +10,6 @@ seconds in the source recording: ``start``/``end`` are the transcript's (plus ``
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import posixpath
 import time
@@ -24,6 +23,7 @@ from mmdata.errors import SampleError, SampleFiltered, UserError
 from mmdata.keys import key_to_id, sanitize_key
 from mmdata.process import Sample, Timer, mark_not_written, read_source, write_json
 from mmdata.transforms.text import clean_caption
+from mmdata.writers.npy import npy_bytes
 
 try:
     from mmdata.sources.transcripts import PlannedSegment, cut, parse_transcript, plan_segments
@@ -47,12 +47,6 @@ def looks_like_transcript(doc: Any) -> bool:
         return "segments" in doc
     return (isinstance(doc, list) and bool(doc) and all(isinstance(x, dict) for x in doc)
             and any("start" in x or "end" in x for x in doc))
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
 
 
 class AudioStage:

@@ -6,7 +6,6 @@ Rows follow the unit's written samples in order. A sample that lacks a modality 
 """
 from __future__ import annotations
 
-import io
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -134,12 +133,6 @@ class ImageEmbedder:
         for _, future in self.in_flight:
             future.cancel()
         self.pool.shutdown(wait=True)
-
-
-def npy_bytes(rows: np.ndarray, dtype: str) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(rows.astype(dtype)), allow_pickle=False)
-    return buf.getvalue()
 
 
 # ------------------------------------------------------------------------------------- audio

@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 from PIL import Image, UnidentifiedImageError
 
 from mmdata.config import BuildConfig
-from mmdata.embedding import embed_samples, make_encoder, npy_bytes
+from mmdata.embedding import embed_samples, make_encoder
 from mmdata.errors import UserError
 from mmdata.finalize import embeddings_facts
 from mmdata.plan import load_plan
@@ -22,6 +22,7 @@ from mmdata.storage import OutputDir
 from mmdata.transforms.image import to_rgb
 from mmdata.unit import ENCODER_FACTS, embedding_file, shard_files
 from mmdata.views import unembedded_view
+from mmdata.writers.npy import npy_bytes
 from mmdata.writers.tar import read_tar_samples
 
 IMAGE_MEMBERS = ("jpg", "png", "webp")

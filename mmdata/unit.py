@@ -15,7 +15,7 @@ from typing import Optional
 from mmdata import __version__
 from mmdata.config import BuildConfig
 from mmdata.embedding import (AudioEmbedder, ImageEmbedder, audio_encoder_facts, embed_samples, make_audio_encoder,
-                              make_encoder, npy_bytes)
+                              make_encoder)
 from mmdata.keys import key_to_id, sanitize_key
 from mmdata.process import RecordProcessor, Sample, Timer, write_json
 from mmdata.records import Unit
@@ -23,6 +23,7 @@ from mmdata.schema import SHARD_SCHEMA
 from mmdata.storage import OutputDir
 from mmdata.transforms.tokenize import get_tokenizer, tokenize_npy
 from mmdata.views import ViewMaker, embeds, is_view, rekey_views
+from mmdata.writers.npy import npy_bytes
 from mmdata.writers.table import table_bytes
 from mmdata.writers.tar import write_tar
 

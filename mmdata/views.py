@@ -30,6 +30,7 @@ from mmdata.errors import SampleError, SampleFailed, SampleFiltered
 from mmdata.keys import key_to_id, sanitize_key
 from mmdata.process import Sample, Timer, image_options, mark_not_written, write_json
 from mmdata.transforms.image import encode
+from mmdata.writers.npy import npy_bytes
 
 IMAGE_MEMBERS = ("jpg", "png", "webp")
 # what Pillow raises on an image it cannot decode, transform or encode
@@ -113,7 +114,6 @@ class ViewMaker:
         import soundfile as sf
         from librosa.util.exceptions import ParameterError
 
-        from mmdata.audio_samples import npy_bytes
         from mmdata.transforms.audio import encode_flac, log_mel
 
         key, row = parent.row["key"], sample.row

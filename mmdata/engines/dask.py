@@ -100,14 +100,14 @@ class DaskEngine:
         return max(4, 2 * sum(self.client.nthreads().values()))
 
     def map_units(self, config: BuildConfig, units: list[Unit], on_done: Callable[[dict], None]) -> list[dict]:
-        # Task keys name the unit, the config and the output, so two builds on one scheduler never share a task.
-        tag = hashlib.sha256(f"{config.config_hash}:{config.out}".encode()).hexdigest()[:12]
+        # Task keys name the unit, the config and the output (self.tag), so two builds on one scheduler
+        # never share a task.
         queue = list(reversed(units))
 
         def submit():
             unit = queue.pop()
-            return self.client.submit(run_unit, config, unit, key=f"mmdata-unit-{unit.name}-{tag}", pure=False,
-                                      retries=config.dask_retries, resources=self.resources)
+            return self.client.submit(run_unit, config, unit, key=f"mmdata-unit-{unit.name}-{self.tag}", pure=False,
+                                      retries=self.retries, resources=self.resources)
 
         running = as_completed([submit() for _ in range(min(len(queue), self._window()))], loop=self.client.loop)
         results = []

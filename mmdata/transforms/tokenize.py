@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import functools
-import io
 
 import numpy as np
 
 from mmdata.errors import UserError
+from mmdata.writers.npy import npy_bytes
 
 
 @functools.lru_cache(maxsize=4)
@@ -23,9 +23,4 @@ def get_tokenizer(model: str):
 def tokenize_npy(tokenizer, captions: list[str]) -> list[bytes]:
     """One ``.npy`` (int32, the model's context length) per caption."""
     ids = tokenizer(captions).numpy().astype(np.int32)
-    out = []
-    for row in ids:
-        buf = io.BytesIO()
-        np.save(buf, row, allow_pickle=False)
-        out.append(buf.getvalue())
-    return out
+    return [npy_bytes(row) for row in ids]
