@@ -6,7 +6,8 @@ The driver plans the units (saved in OUT/plan.parquet); the pipeline is
 
     Create(units) → Reshuffle → ParDo(RunUnitDoFn) → CombineGlobally(MergeUnitStats) → CheckTotals
 
-and the driver runs ``finalize`` once it has finished. ``RunUnitDoFn.setup`` builds the per-process
+(the transforms live in ``mmdata.engines.beam_transforms``) and the driver runs ``finalize`` once it has
+finished. ``RunUnitDoFn.setup`` builds the per-process
 context (transforms, tokenizer, encoder model) once per worker. A retried bundle re-runs whole
 units: ``run_unit`` skips committed units and writes everything under a temporary name first, so a
 retry after a partial write leaves no duplicate and no corrupt shard. mmdata options are the
@@ -20,149 +21,12 @@ partial index under OUT/index/parts/, write the task's JSON result) → check th
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import sys
-from collections import Counter
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Optional
 
 from pydantic import BaseModel
 
-_level = logging.root.manager.disable
-logging.disable(logging.WARNING)  # Beam's import warns about optional GCP client libraries on the root logger
-try:
-    import apache_beam as beam
-    from apache_beam.metrics import Metrics
-finally:
-    logging.disable(_level)
-
 from mmdata.config import BuildConfig
-from mmdata.records import Unit
-from mmdata.storage import OutputDir
-from mmdata.unit import get_context, run_unit
-
-log = logging.getLogger("mmdata.beam")
-NAMESPACE = "mmdata"
-STATUSES = ("written", "filtered", "failed")
-
-
-class RunUnitDoFn(beam.DoFn):
-    """Unit in, shard committed, the unit's stats out. Counts records by status and reason in Beam metrics."""
-
-    def __init__(self, config: BuildConfig):
-        self.config = config
-
-    def setup(self) -> None:
-        get_context(self.config)  # once per worker process: transforms, tokenizer, encoder model
-
-    def process(self, unit: Unit) -> Iterator[dict]:
-        stats = run_unit(self.config, unit)
-        Metrics.counter(NAMESPACE, "units_skipped" if stats.get("skipped") else "units_run").inc()
-        for status in STATUSES:
-            Metrics.counter(NAMESPACE, status).inc(stats["counts"][status])
-        for status, by_reason in stats["reasons"].items():
-            for reason, n in by_reason.items():
-                Metrics.counter(NAMESPACE, f"{status}:{reason}").inc(n)
-        yield stats
-
-
-class MergeUnitStats(beam.CombineFn):
-    """Units' stats → {units, counts, reasons}: what the whole build accounts for."""
-
-    def create_accumulator(self) -> dict:
-        return {"units": 0, "counts": Counter(), "reasons": {"filtered": Counter(), "failed": Counter()}}
-
-    def add_input(self, acc: dict, stats: dict) -> dict:
-        acc["units"] += 1
-        acc["counts"].update(stats["counts"])
-        for status, by_reason in stats["reasons"].items():
-            acc["reasons"][status].update(by_reason)
-        return acc
-
-    def merge_accumulators(self, accs: Iterable[dict]) -> dict:
-        merged = self.create_accumulator()
-        for acc in accs:
-            merged["units"] += acc["units"]
-            merged["counts"].update(acc["counts"])
-            for status, by_reason in acc["reasons"].items():
-                merged["reasons"][status].update(by_reason)
-        return merged
-
-    def extract_output(self, acc: dict) -> dict:
-        return {"units": acc["units"], "counts": dict(acc["counts"]),
-                "reasons": {k: dict(sorted(v.items())) for k, v in acc["reasons"].items()}}
-
-
-def check_totals(merged: dict, units: int, inputs: int) -> dict:
-    """Fail the pipeline unless every unit and every record came back accounted for."""
-    c = merged["counts"]
-    if merged["units"] != units or c.get("inputs", 0) != inputs or \
-            c.get("inputs", 0) != sum(c.get(s, 0) for s in STATUSES):
-        raise RuntimeError(f"mmdata: {merged['units']} of {units} units, {c} for {inputs} records")
-    log.info("mmdata: %d units, %s", units, c)
-    return merged
-
-
-class BuildShards(beam.PTransform):
-    """The whole shard stage as one transform: planned units in, the build's merged stats out."""
-
-    def __init__(self, config: BuildConfig, units: list[Unit]):
-        super().__init__()
-        self.config = config
-        self.units = units
-
-    def expand(self, pbegin):
-        inputs = sum(len(u.records) for u in self.units)
-        return (
-            pbegin
-            | "Units" >> beam.Create(self.units, reshuffle=False)
-            | "Spread" >> beam.Reshuffle()
-            | "RunUnit" >> beam.ParDo(RunUnitDoFn(self.config))
-            | "MergeStats" >> beam.CombineGlobally(MergeUnitStats())
-            | "CheckTotals" >> beam.Map(check_totals, len(self.units), inputs)
-        )
-
-
-class RunTaskDoFn(beam.DoFn):
-    """(i, item) in; ``fn(item)`` written as JSON to ``folder/<i>.json`` under the output, atomically; i out.
-
-    A retried bundle runs its items again and rewrites the same files: ``fn`` must be idempotent.
-    """
-
-    def __init__(self, fn: Callable[[Any], Any], out: str, folder: str):
-        self.fn, self.out, self.folder = fn, out, folder
-
-    def process(self, element: tuple[int, Any]) -> Iterator[int]:
-        i, item = element
-        result = json.dumps(self.fn(item), sort_keys=True).encode()
-        OutputDir(self.out).write_bytes(f"{self.folder}/{i:05d}.json", result)
-        Metrics.counter(NAMESPACE, "tasks_run").inc()
-        yield i
-
-
-def check_count(n: int, expected: int) -> int:
-    if n != expected:
-        raise RuntimeError(f"mmdata: {n} of {expected} tasks ran")
-    return n
-
-
-class MapTasks(beam.PTransform):
-    """Any engine task (``Engine.map_tasks``): small items in, their results written under the output."""
-
-    def __init__(self, fn: Callable[[Any], Any], items: list, out: str, folder: str):
-        super().__init__()
-        self.fn, self.items, self.out, self.folder = fn, items, out, folder
-
-    def expand(self, pbegin):
-        return (
-            pbegin
-            | "Items" >> beam.Create(list(enumerate(self.items)), reshuffle=False)
-            | "Spread" >> beam.Reshuffle()
-            | "Run" >> beam.ParDo(RunTaskDoFn(self.fn, self.out, self.folder))
-            | "Count" >> beam.combiners.Count.Globally()
-            | "Check" >> beam.Map(check_count, len(self.items))
-        )
-
 
 def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, list[str]]:
     """mmdata's own flags (those of ``mmdata build``); the rest are Beam pipeline options."""
@@ -205,7 +69,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    # Run under the importable name, so Beam pickles RunUnitDoFn by reference (not as __main__.RunUnitDoFn).
+    # Run under the importable name, so nothing Beam pickles refers to __main__.
     from pipelines.beam_build import main as _main
 
     _main()

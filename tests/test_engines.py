@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import mmdata.build
-import pipelines.beam_build
+import mmdata.engines.beam_transforms as beam_transforms
 from conftest import run_build
 from mmdata.config import load_config
 from mmdata.errors import UserError
@@ -159,7 +159,7 @@ def test_dask_worker_killed_mid_unit_changes_nothing(big_corpus, tmp_path):
     assert manifest["counts"] == clean["counts"] and manifest["reasons"] == clean["reasons"]
 
 
-class FailOnceDoFn(pipelines.beam_build.RunUnitDoFn):
+class FailOnceDoFn(beam_transforms.RunUnitDoFn):
     """Dies on its first attempt at unit 00001, after leaving a partial temporary tar behind."""
 
     def process(self, unit):
@@ -175,7 +175,7 @@ class FailOnceDoFn(pipelines.beam_build.RunUnitDoFn):
 def test_beam_bundle_failing_after_a_partial_write_then_rerun_is_identical(corpus, tmp_path, monkeypatch):
     clean = run_build(corpus[0], tmp_path / "clean", workers=1, samples_per_shard=8)
     out = tmp_path / "beam"
-    monkeypatch.setattr(pipelines.beam_build, "RunUnitDoFn", FailOnceDoFn)
+    monkeypatch.setattr(beam_transforms, "RunUnitDoFn", FailOnceDoFn)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]))  # workers import it
     with pytest.raises(Exception, match="injected failure"):  # the FnApiRunner does not retry a failed bundle
         run_build(corpus[0], out, engine="beam", workers=2, samples_per_shard=8)

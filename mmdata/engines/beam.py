@@ -1,10 +1,10 @@
-"""The Beam engine: runs the ``pipelines.beam_build`` pipeline on the runner named in ``--beam-option``s.
+"""The Beam engine: runs the ``BuildShards`` pipeline (mmdata.engines.beam_transforms) on the runner named in ``--beam-option``s.
 
 Without ``--runner`` it is the FnApiRunner with ``--workers`` SDK worker processes on this machine
 (not the DirectRunner, which fetches the Prism runner from the internet). Flink, Spark and Dataflow
 take their standard options; their workers need mmdata too (``--setup_file ./setup.py`` or an
 ``--sdk_container_image`` with it installed). ``map_tasks`` runs a second, small pipeline
-(``pipelines.beam_build.MapTasks``) whose results come back through the output folder.
+(``MapTasks``) whose results come back through the output folder.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import json
 import sys
 from typing import Any, Callable, Sequence
 
-from pipelines.beam_build import NAMESPACE, BuildShards, MapTasks  # first: it imports Beam without its GCP warnings
+from mmdata.engines.beam_transforms import NAMESPACE, BuildShards, MapTasks  # first: it imports Beam without its GCP warnings
 
 from apache_beam import Pipeline
 from apache_beam.metrics.metric import MetricsFilter
