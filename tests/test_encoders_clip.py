@@ -68,7 +68,7 @@ def test_tiny_config_is_registered_and_loads_through_open_clip():
     assert info["embed_dim"] == 32 and info["image_size"] == 32 and info["context_length"] == 77
     assert info["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     assert info["open_clip_version"] == open_clip.__version__
-    assert enc.resources.gpu and enc.resources.batch_size == 3
+    assert enc.batch_size == 3
 
 
 def test_cache_shares_one_model_per_key():

@@ -22,7 +22,6 @@ from PIL import Image
 from mmdata.augment.config import AugmentConfig, load_augment_config
 from mmdata.augment.seeding import op_rng
 from mmdata.keys import sanitize_key
-from mmdata.stages import Resources, Stage
 
 Applied = list[dict]
 
@@ -33,7 +32,7 @@ def view_key(key: str, view: int) -> str:
     return sanitize_key(f"{key}_v{view:02d}")
 
 
-class Augmenter(Stage):
+class Augmenter:
     """Seeded augmentation of one sample's image, audio, log-mel and caption.
 
     Every method returns ``(output, applied)``: ``applied`` lists the ops that fired, in order,
@@ -41,7 +40,6 @@ class Augmenter(Stage):
     """
 
     name = "augment"
-    resources = Resources(gpu=False, batch_size=1)
 
     def __init__(self, config: Union[AugmentConfig, Mapping, str, os.PathLike, None] = None):
         self.config = load_augment_config(config)

@@ -14,7 +14,6 @@ from urllib.parse import urlparse
 import numpy as np
 
 from mmdata.errors import UserError
-from mmdata.stages import Resources, Stage
 
 AudioItem = tuple[np.ndarray, int]
 
@@ -36,7 +35,7 @@ def _l2(rows: np.ndarray) -> np.ndarray:
     return rows / np.maximum(norms, np.float32(1e-12))
 
 
-class MelStatsEncoder(Stage):
+class MelStatsEncoder:
     """Per-band mean (minus the clip's mean level) and std of the log-mel spectrogram, plus the std
     of its frame-to-frame deltas: a cheap, model-free, loudness-invariant descriptor of timbre.
 
@@ -52,7 +51,9 @@ class MelStatsEncoder(Stage):
 
         self.sample_rate, self.deltas = sample_rate, deltas
         self._mel_cfg = AudioConfig(sample_rate=sample_rate, n_mels=n_mels, n_fft=n_fft, hop_length=hop_length)
-        self.resources = Resources(gpu=False, batch_size=batch_size)
+
+    def setup(self) -> None:
+        """Nothing to load: the descriptor is model-free (every encoder has ``setup``)."""
 
     @property
     def dim(self) -> int:
@@ -155,7 +156,7 @@ def _load_clap(name_or_path: str, device: str):
     return _CLAP_CACHE[key]
 
 
-class ClapEncoder(Stage):
+class ClapEncoder:
     """CLAP audio and text embeddings (``transformers.ClapModel``) in one shared space.
 
     Audio is downmixed, resampled to the feature extractor's rate (48 kHz for LAION CLAP) and cut to
@@ -173,7 +174,6 @@ class ClapEncoder(Stage):
         self.device = resolve_device(device)
         self.precision = effective_precision(precision, self.device)
         self.batch_size = batch_size
-        self.resources = Resources(gpu=self.device.startswith("cuda"), batch_size=batch_size)
         self._model = self._fe = self._tok = None
 
     def setup(self) -> None:

@@ -24,7 +24,6 @@ from PIL import Image
 from mmdata.encoders.device import autocast, effective_precision, resolve_device, run_with_oom_backoff
 from mmdata.encoders.loading import LoadedModel, load_model
 from mmdata.errors import UserError
-from mmdata.stages import Resources, Stage
 
 T = TypeVar("T")
 
@@ -58,7 +57,7 @@ def pipelined(batches: Iterable[T], prepare: Callable[[T], Any], run: Callable[[
     return results
 
 
-class ClipEncoder(Stage):
+class ClipEncoder:
     """An open_clip model as a stage: ``encode_images`` / ``encode_texts`` → (n, d) float32 rows.
 
     ``pretrained``: an open_clip tag, a local checkpoint path, or ``None``/``"random"`` for random
@@ -89,7 +88,6 @@ class ClipEncoder(Stage):
         self.batch_size = batch_size
         self.seed = seed
         self.prefetch_threads = prefetch_threads
-        self.resources = Resources(gpu=True, batch_size=batch_size)
         self._loaded: Optional[LoadedModel] = None
         self._device: Optional[str] = None
         self._precision: Optional[str] = None
