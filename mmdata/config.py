@@ -36,33 +36,33 @@ class BuildConfig(BaseModel):
     input: str = Field(description="folder or manifest (parquet/csv/tsv/jsonl), any fsspec URL")
     out: str = Field(description="output folder, any fsspec URL")
     # scheduling
-    engine: Literal["local", "dask", "beam"] = "local"
+    engine: Literal["local", "dask", "beam"] = Field("local", description="where units run: local processes, a Dask cluster or a Beam runner")
     workers: Optional[int] = Field(None, ge=1, description="worker processes (default: cores)")
-    overwrite: bool = False
-    progress: bool = True
+    overwrite: bool = Field(False, description="rebuild from scratch instead of resuming")
+    progress: bool = Field(True, description="show a progress bar")
     dask_address: Optional[str] = Field(None, description="Dask scheduler (tcp://host:8786); default: a LocalCluster")
     dask_gpu_resource: Optional[str] = Field(None, description="Dask worker resource a unit needs (e.g. GPU)")
     dask_retries: int = Field(3, ge=0, le=100, description="times Dask retries a unit that raised")
     beam_options: list[str] = Field(default_factory=list, description="Beam pipeline options (--runner=…)")
     # plan
-    samples_per_shard: int = Field(1000, ge=1, le=1_000_000)
-    image_col: str = "image"
-    text_col: str = "caption"
-    key_col: Optional[str] = None
-    require: list[Literal["image", "text", "audio"]] = Field(default_factory=lambda: ["image", "text"])
+    samples_per_shard: int = Field(1000, ge=1, le=1_000_000, description="records per work unit / shard")
+    image_col: str = Field("image", description="manifest column with image paths/URLs")
+    text_col: str = Field("caption", description="manifest column with captions")
+    key_col: Optional[str] = Field(None, description="manifest column with sample keys (default: from the image path)")
+    require: list[Literal["image", "text", "audio"]] = Field(default_factory=lambda: ["image", "text"], description="modalities a record must have")
     # image
-    image_size: int = Field(256, ge=8, le=16384)
-    resize_mode: Literal["no", "keep_ratio", "center_crop", "border"] = "keep_ratio"
-    resize_only_if_bigger: bool = False
-    image_format: Literal["jpg", "png", "webp"] = "jpg"
-    image_quality: int = Field(95, ge=1, le=100)
+    image_size: int = Field(256, ge=8, le=16384, description="target size in pixels")
+    resize_mode: Literal["no", "keep_ratio", "center_crop", "border"] = Field("keep_ratio", description="how images are fitted to image_size")
+    resize_only_if_bigger: bool = Field(False, description="never upscale (--resize-always also upscales)")
+    image_format: Literal["jpg", "png", "webp"] = Field("jpg", description="format of {key}.<ext> in the shards")
+    image_quality: int = Field(95, ge=1, le=100, description="jpg/webp quality 1-100")
     min_image_size: int = Field(0, ge=0, description="filter images whose smaller side is below this")
-    max_aspect_ratio: Optional[float] = Field(None, ge=1.0)
+    max_aspect_ratio: Optional[float] = Field(None, ge=1.0, description="filter images more elongated than this")
     max_pixels: int = Field(100_000_000, ge=1, description="decompression-bomb guard, checked on the header")
     # text
-    min_caption_chars: int = Field(1, ge=0)
+    min_caption_chars: int = Field(1, ge=0, description="filter captions shorter than this")
     max_caption_chars: int = Field(4096, ge=1, description="longer captions are truncated (recorded)")
-    tokenize: bool = False
+    tokenize: bool = Field(False, description="write {key}.tokens.npy")
     tokenizer: str = Field("ViT-B-32", description="open_clip model whose tokenizer writes {key}.tokens.npy")
     # audio: how clips and segments are stored (YAML ``audio:`` mapping; flat flags --sample-rate, --mel …)
     audio: AudioConfig = Field(default_factory=AudioConfig)
@@ -82,19 +82,19 @@ class BuildConfig(BaseModel):
     model: Optional[str] = Field(None, description="open_clip model for image/text embeddings, e.g. ViT-B-32")
     pretrained: Optional[str] = Field("laion2b_s34b_b79k", description="open_clip tag, local checkpoint path, or 'random' (tests)")
     model_seed: int = Field(0, description="seed of random weights when pretrained is 'random'")
-    embed: list[Literal["image", "text"]] = Field(default_factory=lambda: ["image", "text"])
-    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    embed: list[Literal["image", "text"]] = Field(default_factory=lambda: ["image", "text"], description="modalities to embed with the open_clip model")
+    precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="encoder precision (autocast on GPU)")
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:1 …")
-    embed_batch_size: int = Field(64, ge=1)
-    embedding_dtype: Literal["float16", "float32"] = "float16"
+    embed_batch_size: int = Field(64, ge=1, description="encoder batch size (halved on CUDA out-of-memory)")
+    embedding_dtype: Literal["float16", "float32"] = Field("float16", description="dtype of embeddings/<modality>/*.npy")
     embed_in_shards: bool = Field(False, description="also store {key}.<modality>_emb.npy in the samples")
     fused: Optional[Literal["mean"]] = Field(None, description="also write a fused embedding: mean of the modalities, renormalised")
     audio_encoder: Optional[Literal["mel-stats", "clap"]] = Field(None, description="audio embeddings: mel-stats (no model) or clap")
     clap_model: str = Field("laion/clap-htsat-unfused", description="CLAP hub id or local folder (--audio-encoder clap)")
     # index
     index: bool = Field(True, description="build a FAISS index per embedded modality at finalize")
-    index_memory_gb: float = Field(4.0, gt=0)
-    index_recall_target: float = Field(0.95, gt=0, le=1)
+    index_memory_gb: float = Field(4.0, gt=0, description="memory budget of each index, in GB")
+    index_recall_target: float = Field(0.95, gt=0, le=1, description="recall@10 the index search parameters are tuned to")
     index_key: Optional[str] = Field(None, description="force a faiss factory string (IVF1024,Flat; OPQ16,IVF256,PQ16; "
                                      "HNSW32); default: chosen from the corpus size and index_memory_gb")
     index_distributed: Literal["auto", "on", "off"] = Field(
