@@ -30,19 +30,13 @@ def write_tar(fileobj: BinaryIO, samples: Iterable[tuple[str, dict[str, bytes]]]
 
 
 def read_tar_samples(fileobj: BinaryIO) -> list[tuple[str, dict[str, bytes]]]:
-    """The samples of a tar as ``(key, {ext: bytes})`` in file order, split at the first dot
-    of the member's base name (webdataset's convention)."""
+    """The samples of a tar as ``(key, {ext: bytes})`` in file order, read by webdataset's own tar
+    iterator and grouping (split at the first dot of the member's base name), so verify, inspect and
+    reembed see a shard exactly as the loader and training jobs do."""
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
     samples: list[tuple[str, dict[str, bytes]]] = []
-    with tarfile.open(fileobj=fileobj, mode="r:*") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            base = info.name.rsplit("/", 1)[-1]
-            key, _, ext = base.partition(".")
-            prefix = info.name[: len(info.name) - len(base)] + key
-            data = tar.extractfile(info).read()
-            if samples and samples[-1][0] == prefix:
-                samples[-1][1][ext] = data
-            else:
-                samples.append((prefix, {ext: data}))
+    members = ({**member, "__url__": "shard"} for member in tar_file_iterator(fileobj))
+    for sample in group_by_keys(members):
+        samples.append((sample["__key__"], {k: v for k, v in sample.items() if not k.startswith("__")}))
     return samples
