@@ -18,7 +18,7 @@ from typing import Any, Optional
 from PIL import Image
 
 from mmdata.config import BuildConfig
-from mmdata.errors import SampleError, SampleFailed, SampleFiltered
+from mmdata.errors import SampleError, SampleFailed, SampleFiltered, UserError
 from mmdata.records import Record
 from mmdata.storage import read_bytes
 from mmdata.transforms.image import ImageOptions, ImageTransform
@@ -83,6 +83,15 @@ def base_row(record: Record) -> dict:
         "source_bytes": 0,
         "meta": json.dumps(record.meta, sort_keys=True, default=str) if record.meta else None,
     }
+
+
+def as_sample_error(exc: Exception) -> SampleError:
+    """Any exception raised while handling one record, as that record's outcome: a ``SampleError``
+    as it is, anything else (``MemoryError``, ``RecursionError``, a ``TypeError`` from a malformed
+    sidecar …) ``failed`` with reason ``error:<ExceptionType>`` and the message as its detail."""
+    if isinstance(exc, SampleError):
+        return exc
+    return SampleFailed(f"error:{type(exc).__name__}", str(exc)[:500])
 
 
 def mark_not_written(sample: Sample, err: SampleError) -> Sample:
@@ -155,8 +164,11 @@ class RecordProcessor:
         sample = Sample(record, base_row(record))
         try:
             return self._process(sample, timer)
-        except SampleError as err:
-            return [mark_not_written(sample, err)]
+        except UserError:
+            raise  # not about this record (a missing extra): it stops the unit with one line
+        except Exception as exc:  # noqa: BLE001 — one record's problem stays in its row; the unit goes on
+            sample.caption = None
+            return [mark_not_written(sample, as_sample_error(exc))]
 
     def _process(self, sample: Sample, timer: Timer) -> list[Sample]:
         record = sample.record
@@ -255,6 +267,6 @@ class RecordProcessor:
             return
         try:
             loaded = json.loads(json_data.decode("utf-8-sig"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise SampleFailed("decode:json", str(exc)) from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise SampleFailed("decode:json", str(exc) or type(exc).__name__) from None
         sample.meta.update(loaded if isinstance(loaded, dict) else {"json": loaded})

@@ -1,0 +1,87 @@
+"""Hostile inputs (issue 11): one record's problem stays in that record's row, whatever it raises."""
+import glob
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from mmdata.cli.main import app
+
+
+def photo(path, color=(200, 40, 40), size=(64, 48)):
+    Image.new("RGB", size, color).save(path)
+
+
+def build(corpus, out, *extra):
+    args = ["build", "--input", str(corpus), "--out", str(out), "--no-index", "--samples-per-shard", "4",
+            "--workers", "1", "--no-progress", *extra]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, (result.output, result.exception)
+    return json.load(open(os.path.join(out, "manifest.json")))
+
+
+def rows(out):
+    return {r["key"]: r for f in sorted(glob.glob(f"{out}/shards/*.parquet")) for r in pq.read_table(f).to_pylist()}
+
+
+def members(out):
+    got: dict[str, dict[str, bytes]] = {}
+    for f in sorted(glob.glob(f"{out}/shards/*.tar")):
+        with tarfile.open(f) as tar:
+            for m in tar.getmembers():
+                key, ext = m.name.split(".", 1)
+                got.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return got
+
+
+def assert_reconciles(manifest, table):
+    c = manifest["counts"]
+    assert c["inputs"] == c["written"] + c["filtered"] + c["failed"] == len(table)
+    assert all(r["status"] == "written" or r["reason"] for r in table.values())
+
+
+def test_a_sidecar_nested_100000_deep_fails_its_row_only(tmp_path):
+    corpus, out = tmp_path / "in", tmp_path / "out"
+    corpus.mkdir()
+    for stem in ("a", "b", "deep", "d", "e"):
+        photo(corpus / f"{stem}.jpg")
+        (corpus / f"{stem}.txt").write_text(f"a photo called {stem}")
+    (corpus / "b.json").write_text(json.dumps({"license": "cc-by"}))
+    (corpus / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    manifest = build(corpus, out)
+    table = rows(out)
+    assert_reconciles(manifest, table)
+    assert table["deep"]["status"] == "failed" and table["deep"]["reason"] == "decode:json"
+    assert any(w.startswith("detail:") for w in table["deep"]["warnings"])
+    assert {k for k, r in table.items() if r["status"] == "written"} == {"a", "b", "d", "e"}
+    assert json.loads(members(out)["b"]["json"])["meta"]["license"] == "cc-by"
+
+
+def speech(path, seconds=3.0, sr=16000):
+    import soundfile as sf
+
+    t = np.arange(int(seconds * sr)) / sr
+    sf.write(path, (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), sr, subtype="PCM_16")
+
+
+@pytest.mark.parametrize("words", [5, 2.5, True])
+def test_a_whisper_transcript_whose_words_is_not_a_list_fails_its_row_only(tmp_path, words):
+    pytest.importorskip("soundfile")
+    corpus, out = tmp_path / "in", tmp_path / "out"
+    corpus.mkdir()
+    for stem in ("bad", "good"):
+        speech(corpus / f"{stem}.wav")
+    whisper = {"text": "hello there", "segments": [{"start": 0.5, "end": 2.0, "text": "hello there", "words": words}]}
+    (corpus / "bad.json").write_text(json.dumps(whisper))
+    (corpus / "good.json").write_text(json.dumps({**whisper, "segments": [{**whisper["segments"][0], "words": []}]}))
+    manifest = build(corpus, out, "--require", "audio,text")
+    table = rows(out)
+    assert_reconciles(manifest, table)
+    assert table["bad"]["status"] == "failed" and table["bad"]["reason"] == "decode:transcript", table["bad"]
+    assert table["good_s0000"]["status"] == "written"
