@@ -67,7 +67,7 @@ class AudioStage:
         record, row = sample.record, sample.row
         url = record.sources.get("transcript")
         if url is not None:
-            data = read_source(url, "transcript")
+            data = read_source(url, "transcript", self.config.max_sidecar_bytes)
             row["source_bytes"] += len(data)
         elif json_data is not None and _is_transcript_json(json_data):
             url, data = record.sources["json"], json_data

@@ -64,11 +64,16 @@ def image_options(config: BuildConfig) -> ImageOptions:
     )
 
 
-def read_source(url: str, modality: str) -> bytes:
+def read_source(url: str, modality: str, max_bytes: Optional[int] = None) -> bytes:
+    """The source's bytes; a file over ``max_bytes`` (sidecars, captions, transcripts) is
+    ``too_large:<modality>``, found after reading at most ``max_bytes + 1`` bytes of it."""
     try:
-        return read_bytes(url)
+        data = read_bytes(url, max_bytes)
     except (OSError, ValueError) as exc:
         raise SampleFailed(f"read:{modality}", f"{url}: {exc}") from None
+    if max_bytes is not None and len(data) > max_bytes:
+        raise SampleFailed(f"too_large:{modality}", f"{url}: over --max-sidecar-bytes ({max_bytes})")
+    return data
 
 
 def base_row(record: Record) -> dict:
@@ -201,7 +206,7 @@ class RecordProcessor:
         record = sample.record
         start = time.perf_counter()
         if "text" in record.sources:
-            data = read_source(record.sources["text"], "text")
+            data = read_source(record.sources["text"], "text", self.config.max_sidecar_bytes)
             sample.row["source_bytes"] += len(data)
             sample.row["text_sha256"] = hashlib.sha256(data).hexdigest()
             text, warnings = decode_text(data)
@@ -256,7 +261,7 @@ class RecordProcessor:
     def _read_json(self, sample: Sample) -> Optional[bytes]:
         if "json" not in sample.record.sources:
             return None
-        data = read_source(sample.record.sources["json"], "json")
+        data = read_source(sample.record.sources["json"], "json", self.config.max_sidecar_bytes)
         sample.row["source_bytes"] += len(data)
         return data
 

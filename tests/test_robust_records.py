@@ -85,3 +85,25 @@ def test_a_whisper_transcript_whose_words_is_not_a_list_fails_its_row_only(tmp_p
     assert_reconciles(manifest, table)
     assert table["bad"]["status"] == "failed" and table["bad"]["reason"] == "decode:transcript", table["bad"]
     assert table["good_s0000"]["status"] == "written"
+
+
+def test_sidecars_captions_and_transcripts_over_the_size_cap_fail_their_row(tmp_path):
+    pytest.importorskip("soundfile")
+    corpus, out = tmp_path / "in", tmp_path / "out"
+    corpus.mkdir()
+    for stem in ("ok", "bigjson", "bigtxt"):
+        photo(corpus / f"{stem}.jpg")
+        (corpus / f"{stem}.txt").write_text(f"a photo called {stem}")
+    (corpus / "ok.json").write_text(json.dumps({"note": "x" * 100}))
+    (corpus / "bigjson.json").write_text(json.dumps({"note": "x" * 5000}))
+    (corpus / "bigtxt.txt").write_text("a long caption " * 400)
+    speech(corpus / "talk.wav")
+    (corpus / "talk.srt").write_text("1\n00:00:00,500 --> 00:00:02,000\n" + "hello " * 1000 + "\n")
+    manifest = build(corpus, out, "--max-sidecar-bytes", "4096", "--require", "text")
+    table = rows(out)
+    assert_reconciles(manifest, table)
+    assert table["ok"]["status"] == "written"
+    assert (table["bigjson"]["status"], table["bigjson"]["reason"]) == ("failed", "too_large:json")
+    assert (table["bigtxt"]["status"], table["bigtxt"]["reason"]) == ("failed", "too_large:text")
+    assert (table["talk"]["status"], table["talk"]["reason"]) == ("failed", "too_large:transcript")
+    assert manifest["reasons"]["failed"] == {"too_large:json": 1, "too_large:text": 1, "too_large:transcript": 1}
