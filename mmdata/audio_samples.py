@@ -19,10 +19,10 @@ from typing import Any, Optional
 import numpy as np
 
 from mmdata.config import BuildConfig
-from mmdata.errors import SampleFiltered, UserError
+from mmdata.errors import SampleFailed, SampleFiltered, UserError
 from mmdata.keys import key_to_id, sanitize_key
 from mmdata.process import Sample, Timer, as_sample_error, mark_not_written, read_source, write_json
-from mmdata.transforms.text import clean_caption
+from mmdata.transforms.text import clean_caption, decode_text
 from mmdata.writers.npy import npy_bytes
 
 try:
@@ -76,6 +76,12 @@ class AudioStage:
             return None
         ext = posixpath.splitext(url)[1].lstrip(".").lower()
         row["source_transcript"] = url
+        if ext in ("srt", "vtt"):  # in any encoding (a .json is UTF-8 or UTF-16 by its standard)
+            try:
+                data, warnings = decode_text(data)
+            except SampleFailed as err:
+                raise SampleFailed("decode:transcript", err.detail) from None
+            row["warnings"] += warnings
         return Transcript(url, ext, parse_transcript(data, ext))
 
     # ---------------------------------------------------------------------------------- audio

@@ -1,6 +1,5 @@
 """Hostile inputs (issue 11): one record's problem stays in that record's row, whatever it raises."""
 import glob
-import io
 import json
 import os
 import tarfile
@@ -12,6 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mmdata.cli.main import app
+from mmdata.transforms.text import clean_caption
 
 
 def photo(path, color=(200, 40, 40), size=(64, 48)):
@@ -107,3 +107,54 @@ def test_sidecars_captions_and_transcripts_over_the_size_cap_fail_their_row(tmp_
     assert (table["bigtxt"]["status"], table["bigtxt"]["reason"]) == ("failed", "too_large:text")
     assert (table["talk"]["status"], table["talk"]["reason"]) == ("failed", "too_large:transcript")
     assert manifest["reasons"]["failed"] == {"too_large:json": 1, "too_large:text": 1, "too_large:transcript": 1}
+
+
+CHINESE = "一只橘猫坐在窗台上，阳光透过玻璃洒在它的毛上。"
+RUSSIAN = "Рыжая кошка сидит на подоконнике и смотрит на улицу."
+
+
+def test_captions_and_transcripts_in_any_encoding_are_decoded_not_mojibake(tmp_path):
+    pytest.importorskip("soundfile")
+    corpus, out = tmp_path / "in", tmp_path / "out"
+    corpus.mkdir()
+    for stem in ("zh", "ru", "garbage", "plain"):
+        photo(corpus / f"{stem}.jpg")
+    (corpus / "zh.txt").write_bytes(CHINESE.encode("gb18030"))
+    (corpus / "ru.txt").write_bytes(RUSSIAN.encode("cp1251"))
+    (corpus / "garbage.txt").write_bytes(np.random.default_rng(0).integers(128, 256, 400, dtype=np.uint8).tobytes())
+    (corpus / "plain.txt").write_text("a plain caption")
+    speech(corpus / "talk.wav")
+    (corpus / "talk.srt").write_bytes(f"1\n00:00:00,500 --> 00:00:02,000\n{CHINESE}\n".encode("gb18030"))
+    manifest = build(corpus, out, "--require", "text")
+    table, got = rows(out), members(out)
+    assert_reconciles(manifest, table)
+    chinese = clean_caption(CHINESE, 4096)[0]  # ftfy makes the full-width comma ASCII
+    assert "橘猫坐在窗台上" in chinese
+    assert got["zh"]["txt"].decode() == chinese and table["zh"]["caption"] == chinese
+    assert "text_encoding:gb18030" in table["zh"]["warnings"]
+    assert got["ru"]["txt"].decode() == RUSSIAN and "text_encoding:cp1251" in table["ru"]["warnings"]
+    assert (table["garbage"]["status"], table["garbage"]["reason"]) == ("failed", "decode:text")
+    assert table["plain"]["status"] == "written" and table["plain"]["warnings"] == []
+    assert got["talk_s0000"]["txt"].decode() == chinese
+    assert "text_encoding:gb18030" in table["talk_s0000"]["warnings"]
+
+
+@pytest.mark.parametrize("text,encoding", [
+    (CHINESE, "gb18030"), ("一隻貓坐在墊子上，陽光從窗戶灑進來。", "big5"), ("今日は天気がいいですね。散歩に行きましょう。", "cp932"),
+    ("고양이가 매트 위에 앉아 있다", "cp949"), (RUSSIAN, "cp1251"), ("Grüße aus München, très bien", "cp1252"),
+], ids=lambda v: v if v.isascii() else "text")
+def test_decode_text_detects_legacy_encodings(text, encoding):
+    from mmdata.transforms.text import decode_text
+
+    assert decode_text(text.encode(encoding)) == (text, [f"text_encoding:{encoding}"])
+
+
+def test_random_bytes_are_decode_text_never_mojibake():
+    from mmdata.errors import SampleFailed
+    from mmdata.transforms.text import decode_text
+
+    rng = np.random.default_rng(1)
+    for n in (64, 300, 3000):
+        data = rng.integers(128, 256, n, dtype=np.uint8).tobytes()  # no control characters: not obviously binary
+        with pytest.raises(SampleFailed, match="decode:text"):
+            decode_text(data)
