@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import posixpath
 import time
 from collections import defaultdict
@@ -76,8 +77,29 @@ def read_source(url: str, modality: str, max_bytes: Optional[int] = None) -> byt
     return data
 
 
+def _finite(obj: Any) -> Any:
+    """``obj`` with every NaN/Infinity float replaced by None (JSON has no such token)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def dumps_json(obj: Any, warnings: Optional[list] = None, **kw) -> str:
+    """Strict JSON: NaN and ±Infinity are written as null (recorded as ``nonfinite:json_null`` in ``warnings``)."""
+    try:
+        return json.dumps(obj, sort_keys=True, default=str, allow_nan=False, **kw)
+    except ValueError:
+        if warnings is not None and "nonfinite:json_null" not in warnings:
+            warnings.append("nonfinite:json_null")
+        return json.dumps(_finite(obj), sort_keys=True, default=str, allow_nan=False, **kw)
+
+
 def base_row(record: Record) -> dict:
-    return {
+    row = {
         "key": record.key,
         "id": record.id,
         "warnings": list(record.warnings),
@@ -86,8 +108,11 @@ def base_row(record: Record) -> dict:
         "source_json": record.sources.get("json"),
         "source_audio": record.sources.get("audio"),
         "source_bytes": 0,
-        "meta": json.dumps(record.meta, sort_keys=True, default=str) if record.meta else None,
+        "meta": None,
     }
+    if record.meta:
+        row["meta"] = dumps_json(record.meta, row["warnings"])
+    return row
 
 
 def as_sample_error(exc: Exception) -> SampleError:
@@ -131,7 +156,7 @@ def write_json(sample: Sample) -> None:
     doc.update(sample.doc)
     if sample.caption is not None:
         doc["caption"] = sample.caption
-    sample.members["json"] = json.dumps(doc, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8")
+    sample.members["json"] = dumps_json(doc, row["warnings"], ensure_ascii=False).encode("utf-8")
 
 
 class RecordProcessor:

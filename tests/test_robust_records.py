@@ -5,6 +5,7 @@ import os
 import tarfile
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -158,3 +159,39 @@ def test_random_bytes_are_decode_text_never_mojibake():
         data = rng.integers(128, 256, n, dtype=np.uint8).tobytes()  # no control characters: not obviously binary
         with pytest.raises(SampleFailed, match="decode:text"):
             decode_text(data)
+
+
+def strict_json(data: bytes):
+    def refuse(token):
+        raise AssertionError(f"invalid JSON token {token}")
+
+    return json.loads(data, parse_constant=refuse)
+
+
+def test_sample_json_and_meta_never_hold_nan_or_infinity(tmp_path):
+    corpus, out = tmp_path / "in", tmp_path / "out"
+    corpus.mkdir()
+    for stem in ("nan", "fine"):
+        photo(corpus / f"{stem}.jpg")
+        (corpus / f"{stem}.txt").write_text(f"a photo called {stem}")
+    (corpus / "nan.json").write_text('{"score": NaN, "nested": {"x": [1.5, Infinity, -Infinity]}, "ok": 2.5}')
+    (corpus / "fine.json").write_text('{"score": 0.5}')
+    build(corpus, out)
+    table, got = rows(out), members(out)
+    doc = strict_json(got["nan"]["json"])
+    assert doc["meta"] == {"score": None, "nested": {"x": [1.5, None, None]}, "ok": 2.5}
+    assert "nonfinite:json_null" in table["nan"]["warnings"]
+    assert strict_json(got["fine"]["json"])["meta"] == {"score": 0.5} and table["fine"]["warnings"] == []
+
+    # a manifest whose metadata columns hold NaN / inf: the row's meta column and the json member
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"image": [str(corpus / "nan.jpg"), str(corpus / "fine.jpg")], "caption": ["a", "b"],
+                             "score": [float("nan"), 0.25], "ratio": [float("inf"), 1.0]}), manifest)
+    build(manifest, tmp_path / "out2")
+    table, got = rows(tmp_path / "out2"), members(tmp_path / "out2")
+    assert len(table) == 2 and all(r["status"] == "written" for r in table.values())
+    for key, r in table.items():
+        meta = strict_json(r["meta"].encode())
+        assert strict_json(got[key]["json"])["meta"] == meta
+    metas = {k: strict_json(r["meta"].encode()) for k, r in table.items()}
+    assert sorted((str(m["score"]), str(m["ratio"])) for m in metas.values()) == [("0.25", "1.0"), ("None", "None")]
