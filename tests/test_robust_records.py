@@ -1,5 +1,6 @@
 """Hostile inputs (issue 11): one record's problem stays in that record's row, whatever it raises."""
 import glob
+import io
 import json
 import os
 import tarfile
@@ -195,3 +196,42 @@ def test_sample_json_and_meta_never_hold_nan_or_infinity(tmp_path):
         assert strict_json(got[key]["json"])["meta"] == meta
     metas = {k: strict_json(r["meta"].encode()) for k, r in table.items()}
     assert sorted((str(m["score"]), str(m["ratio"])) for m in metas.values()) == [("0.25", "1.0"), ("None", "None")]
+
+
+def test_importing_the_image_transform_leaves_the_warning_filters_alone(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import warnings; import numpy; from PIL import Image; before = list(warnings.filters); "
+            "import mmdata.transforms.image as m; "
+            "added = [f for f in warnings.filters if f not in before]; "
+            "assert not any(issubclass(Image.DecompressionBombWarning, f[2]) for f in added), added; "
+            "import io; buf = io.BytesIO(); Image.new('RGB', (40, 30)).save(buf, 'PNG'); "
+            "now = list(warnings.filters); m.ImageTransform(m.ImageOptions(max_pixels=10**9))(buf.getvalue()); "
+            "assert list(warnings.filters) == now; print('ok')")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+def test_a_pillow_bomb_warning_is_still_silenced_inside_the_transform():
+    import warnings
+
+    from PIL import Image
+
+    from mmdata.transforms.image import ImageOptions, ImageTransform
+
+    buf = io.BytesIO()
+    Image.new("RGB", (3000, 2000)).save(buf, "PNG")
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = 4_000_000  # 6 Mpx: over Pillow's warning threshold, under its error one (2x)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = ImageTransform(ImageOptions(size=64, max_pixels=10**9))(buf.getvalue())
+            with Image.open(io.BytesIO(buf.getvalue())):
+                pass  # outside the transform the user's filters apply: the warning shows
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    assert (result.width, result.height) == (96, 64)
+    assert [w.category for w in caught] == [Image.DecompressionBombWarning]
