@@ -235,3 +235,29 @@ def test_a_pillow_bomb_warning_is_still_silenced_inside_the_transform():
         Image.MAX_IMAGE_PIXELS = limit
     assert (result.width, result.height) == (96, 64)
     assert [w.category for w in caught] == [Image.DecompressionBombWarning]
+
+
+def test_avif_photos_are_accepted_when_pillow_decodes_them(tmp_path):
+    from PIL import features
+
+    if not features.check("avif"):
+        pytest.skip("this Pillow has no AVIF support")
+    corpus, out = tmp_path / "in", tmp_path / "out"
+    corpus.mkdir()
+    Image.new("RGB", (120, 80), (30, 160, 90)).save(corpus / "phone.avif", quality=90)
+    (corpus / "phone.txt").write_text("a photo from a phone")
+    (corpus / "Upper.AVIF").write_bytes((corpus / "phone.avif").read_bytes())
+    (corpus / "Upper.txt").write_text("upper-case extension")
+    (corpus / "broken.avif").write_bytes(b"\x00\x00\x00\x1cftypavif" + b"\x00" * 50)
+    (corpus / "broken.txt").write_text("a broken avif")
+    manifest = build(corpus, out, "--image-size", "40")
+    table, got = rows(out), members(out)
+    assert_reconciles(manifest, table)
+    for key in ("phone", "Upper"):
+        r = table[key]
+        assert r["status"] == "written" and r["source_format"] == "AVIF" and (r["orig_width"], r["orig_height"]) == (120, 80)
+        im = Image.open(io.BytesIO(got[key]["jpg"]))
+        assert im.size == (60, 40)
+        red, green, blue = im.convert("RGB").getpixel((30, 20))
+        assert green > 120 and red < 80 and blue < 130  # the photo's colour, decoded
+    assert (table["broken"]["status"], table["broken"]["reason"]) == ("failed", "decode:image")

@@ -19,6 +19,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from mmdata.errors import SampleFailed, SampleFiltered
 
 
+try:  # HEIC/HEIF photos (optional plugin; mmdata.records accepts .heic/.heif only when it is installed)
+    from pillow_heif import register_heif_opener
+except ImportError:
+    pass
+else:
+    register_heif_opener()
+
 PIL_FORMAT = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 _ORIENTATION = 0x0112
 _SWAPS_AXES = {5, 6, 7, 8}
