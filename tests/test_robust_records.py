@@ -82,10 +82,14 @@ def test_a_whisper_transcript_whose_words_is_not_a_list_fails_its_row_only(tmp_p
     whisper = {"text": "hello there", "segments": [{"start": 0.5, "end": 2.0, "text": "hello there", "words": words}]}
     (corpus / "bad.json").write_text(json.dumps(whisper))
     (corpus / "good.json").write_text(json.dumps({**whisper, "segments": [{**whisper["segments"][0], "words": []}]}))
+    speech(corpus / "deep.wav")  # a recording whose .json sidecar is nested 100,000 deep
+    (corpus / "deep.json").write_text("{\"a\": " * 100_000 + "1" + "}" * 100_000)
+    (corpus / "deep.txt").write_text("a tone")
     manifest = build(corpus, out, "--require", "audio,text")
     table = rows(out)
     assert_reconciles(manifest, table)
     assert table["bad"]["status"] == "failed" and table["bad"]["reason"] == "decode:transcript", table["bad"]
+    assert (table["deep"]["status"], table["deep"]["reason"]) == ("failed", "decode:json")
     assert table["good_s0000"]["status"] == "written"
 
 
