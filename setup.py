@@ -11,6 +11,7 @@ CORE = [
     "pyyaml>=6",
     "tqdm>=4.60",
     "ftfy>=6.1",
+    "charset-normalizer>=3.3,<4",
     "webdataset>=0.2.86",
     "open_clip_torch>=2.24",
     "torch>=2.1",

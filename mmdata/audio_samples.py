@@ -19,10 +19,10 @@ from typing import Any, Optional
 import numpy as np
 
 from mmdata.config import BuildConfig
-from mmdata.errors import SampleError, SampleFiltered, UserError
+from mmdata.errors import SampleFailed, SampleFiltered, UserError
 from mmdata.keys import key_to_id, sanitize_key
-from mmdata.process import Sample, Timer, mark_not_written, read_source, write_json
-from mmdata.transforms.text import clean_caption
+from mmdata.process import Sample, Timer, as_sample_error, mark_not_written, read_source, write_json
+from mmdata.transforms.text import clean_caption, decode_text
 from mmdata.writers.npy import npy_bytes
 
 try:
@@ -67,7 +67,7 @@ class AudioStage:
         record, row = sample.record, sample.row
         url = record.sources.get("transcript")
         if url is not None:
-            data = read_source(url, "transcript")
+            data = read_source(url, "transcript", self.config.max_sidecar_bytes)
             row["source_bytes"] += len(data)
         elif json_data is not None and _is_transcript_json(json_data):
             url, data = record.sources["json"], json_data
@@ -76,6 +76,12 @@ class AudioStage:
             return None
         ext = posixpath.splitext(url)[1].lstrip(".").lower()
         row["source_transcript"] = url
+        if ext in ("srt", "vtt"):  # in any encoding (a .json is UTF-8 or UTF-16 by its standard)
+            try:
+                data, warnings = decode_text(data)
+            except SampleFailed as err:
+                raise SampleFailed("decode:transcript", err.detail) from None
+            row["warnings"] += warnings
         return Transcript(url, ext, parse_transcript(data, ext))
 
     # ---------------------------------------------------------------------------------- audio
@@ -175,12 +181,13 @@ class AudioStage:
                 y, info = process_audio(cut(x, sr, p.cut_start, p.cut_end), sr, self.cfg)
             finally:
                 timer.add("audio", t0)
-        except SampleError as err:
-            return mark_not_written(child, err)
-        child.caption = caption
-        child.members["txt"] = caption.encode("utf-8")
-        self._store(child, y, sr, i0 / sr + info.get("trimmed", [0.0])[0], timer)
-        write_json(child)
+            child.caption = caption
+            child.members["txt"] = caption.encode("utf-8")
+            self._store(child, y, sr, i0 / sr + info.get("trimmed", [0.0])[0], timer)
+            write_json(child)
+        except Exception as exc:  # noqa: BLE001 — this segment's problem stays in its row
+            child.caption = None
+            return mark_not_written(child, as_sample_error(exc))
         row.update(status="written", reason=None)
         return child
 
@@ -188,6 +195,6 @@ class AudioStage:
 def _is_transcript_json(data: bytes) -> bool:
     try:
         return looks_like_transcript(json.loads(data.decode("utf-8-sig")))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return False  # not JSON at all: the metadata step reports decode:json
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return False  # not JSON at all (or nested too deep): the metadata step reports decode:json
 

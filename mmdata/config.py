@@ -62,6 +62,8 @@ class BuildConfig(BaseModel):
     # text
     min_caption_chars: int = Field(1, ge=0, description="filter captions shorter than this")
     max_caption_chars: int = Field(4096, ge=1, description="longer captions are truncated (recorded)")
+    max_sidecar_bytes: int = Field(4 * 2**20, ge=1, description="largest caption (.txt), .json sidecar or transcript "
+                                   "read, in bytes; a larger one is a failed row too_large:<modality>")
     tokenize: bool = Field(False, description="write {key}.tokens.npy")
     tokenizer: str = Field("ViT-B-32", description="open_clip model whose tokenizer writes {key}.tokens.npy")
     # audio: how clips and segments are stored (YAML ``audio:`` mapping; flat flags --sample-rate, --mel …)

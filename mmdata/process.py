@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import posixpath
 import time
 from collections import defaultdict
@@ -18,7 +19,7 @@ from typing import Any, Optional
 from PIL import Image
 
 from mmdata.config import BuildConfig
-from mmdata.errors import SampleError, SampleFailed, SampleFiltered
+from mmdata.errors import SampleError, SampleFailed, SampleFiltered, UserError
 from mmdata.records import Record
 from mmdata.storage import read_bytes
 from mmdata.transforms.image import ImageOptions, ImageTransform
@@ -64,15 +65,41 @@ def image_options(config: BuildConfig) -> ImageOptions:
     )
 
 
-def read_source(url: str, modality: str) -> bytes:
+def read_source(url: str, modality: str, max_bytes: Optional[int] = None) -> bytes:
+    """The source's bytes; a file over ``max_bytes`` (sidecars, captions, transcripts) is
+    ``too_large:<modality>``, found after reading at most ``max_bytes + 1`` bytes of it."""
     try:
-        return read_bytes(url)
+        data = read_bytes(url, max_bytes)
     except (OSError, ValueError) as exc:
         raise SampleFailed(f"read:{modality}", f"{url}: {exc}") from None
+    if max_bytes is not None and len(data) > max_bytes:
+        raise SampleFailed(f"too_large:{modality}", f"{url}: over --max-sidecar-bytes ({max_bytes})")
+    return data
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with every NaN/Infinity float replaced by None (JSON has no such token)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def dumps_json(obj: Any, warnings: Optional[list] = None, **kw) -> str:
+    """Strict JSON: NaN and ±Infinity are written as null (recorded as ``nonfinite:json_null`` in ``warnings``)."""
+    try:
+        return json.dumps(obj, sort_keys=True, default=str, allow_nan=False, **kw)
+    except ValueError:
+        if warnings is not None and "nonfinite:json_null" not in warnings:
+            warnings.append("nonfinite:json_null")
+        return json.dumps(_finite(obj), sort_keys=True, default=str, allow_nan=False, **kw)
 
 
 def base_row(record: Record) -> dict:
-    return {
+    row = {
         "key": record.key,
         "id": record.id,
         "warnings": list(record.warnings),
@@ -81,8 +108,20 @@ def base_row(record: Record) -> dict:
         "source_json": record.sources.get("json"),
         "source_audio": record.sources.get("audio"),
         "source_bytes": 0,
-        "meta": json.dumps(record.meta, sort_keys=True, default=str) if record.meta else None,
+        "meta": None,
     }
+    if record.meta:
+        row["meta"] = dumps_json(record.meta, row["warnings"])
+    return row
+
+
+def as_sample_error(exc: Exception) -> SampleError:
+    """Any exception raised while handling one record, as that record's outcome: a ``SampleError``
+    as it is, anything else (``MemoryError``, ``RecursionError``, a ``TypeError`` from a malformed
+    sidecar …) ``failed`` with reason ``error:<ExceptionType>`` and the message as its detail."""
+    if isinstance(exc, SampleError):
+        return exc
+    return SampleFailed(f"error:{type(exc).__name__}", str(exc)[:500])
 
 
 def mark_not_written(sample: Sample, err: SampleError) -> Sample:
@@ -117,7 +156,7 @@ def write_json(sample: Sample) -> None:
     doc.update(sample.doc)
     if sample.caption is not None:
         doc["caption"] = sample.caption
-    sample.members["json"] = json.dumps(doc, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8")
+    sample.members["json"] = dumps_json(doc, row["warnings"], ensure_ascii=False).encode("utf-8")
 
 
 class RecordProcessor:
@@ -155,8 +194,11 @@ class RecordProcessor:
         sample = Sample(record, base_row(record))
         try:
             return self._process(sample, timer)
-        except SampleError as err:
-            return [mark_not_written(sample, err)]
+        except UserError:
+            raise  # not about this record (a missing extra): it stops the unit with one line
+        except Exception as exc:  # noqa: BLE001 — one record's problem stays in its row; the unit goes on
+            sample.caption = None
+            return [mark_not_written(sample, as_sample_error(exc))]
 
     def _process(self, sample: Sample, timer: Timer) -> list[Sample]:
         record = sample.record
@@ -189,7 +231,7 @@ class RecordProcessor:
         record = sample.record
         start = time.perf_counter()
         if "text" in record.sources:
-            data = read_source(record.sources["text"], "text")
+            data = read_source(record.sources["text"], "text", self.config.max_sidecar_bytes)
             sample.row["source_bytes"] += len(data)
             sample.row["text_sha256"] = hashlib.sha256(data).hexdigest()
             text, warnings = decode_text(data)
@@ -244,7 +286,7 @@ class RecordProcessor:
     def _read_json(self, sample: Sample) -> Optional[bytes]:
         if "json" not in sample.record.sources:
             return None
-        data = read_source(sample.record.sources["json"], "json")
+        data = read_source(sample.record.sources["json"], "json", self.config.max_sidecar_bytes)
         sample.row["source_bytes"] += len(data)
         return data
 
@@ -255,6 +297,6 @@ class RecordProcessor:
             return
         try:
             loaded = json.loads(json_data.decode("utf-8-sig"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise SampleFailed("decode:json", str(exc)) from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise SampleFailed("decode:json", str(exc) or type(exc).__name__) from None
         sample.meta.update(loaded if isinstance(loaded, dict) else {"json": loaded})

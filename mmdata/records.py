@@ -10,7 +10,27 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-IMAGE_EXTS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"})
+
+
+def _optional_image_exts() -> set[str]:
+    """Phone formats this Pillow can decode: AVIF (Pillow ≥ 11.2 built with libavif), HEIC/HEIF
+    (with the optional ``pillow-heif`` plugin, registered by :mod:`mmdata.transforms.image`)."""
+    import importlib.util
+
+    exts = set()
+    try:
+        from PIL import features
+
+        if features.check("avif"):
+            exts.add("avif")
+    except (ImportError, ValueError):
+        pass
+    if importlib.util.find_spec("pillow_heif") is not None:
+        exts |= {"heic", "heif"}
+    return exts
+
+
+IMAGE_EXTS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"} | _optional_image_exts())
 AUDIO_EXTS = frozenset({"wav", "flac", "ogg", "oga", "opus", "mp3", "aiff", "aif", "m4a", "aac", "wma"})
 TRANSCRIPT_EXTS = frozenset({"srt", "vtt"})
 TEXT_EXTS = frozenset({"txt"})

@@ -19,13 +19,16 @@ from fsspec.implementations.local import LocalFileSystem
 from mmdata.errors import UserError
 
 
-def read_bytes(url: str) -> bytes:
-    """Read a whole source file (local path or fsspec URL). Raises OSError subclasses on failure."""
+def read_bytes(url: str, limit: int | None = None) -> bytes:
+    """Read a whole source file (local path or fsspec URL), or at most ``limit + 1`` bytes of it (a
+    caller that gets more than ``limit`` knows the file is too large without holding all of it).
+    Raises OSError subclasses on failure."""
+    size = -1 if limit is None else limit + 1
     if "://" not in url:
         with open(url, "rb") as fh:
-            return fh.read()
+            return fh.read(size)
     with fsspec.open(url, "rb") as fh:
-        return fh.read()
+        return fh.read(size)
 
 
 def _fsync_dir(path: str) -> None:

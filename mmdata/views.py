@@ -26,9 +26,9 @@ from PIL import Image
 
 from mmdata.augment import Augmenter, view_key
 from mmdata.config import BuildConfig
-from mmdata.errors import SampleError, SampleFailed, SampleFiltered
+from mmdata.errors import SampleFailed, SampleFiltered
 from mmdata.keys import key_to_id, sanitize_key
-from mmdata.process import Sample, Timer, image_options, mark_not_written, write_json
+from mmdata.process import Sample, Timer, as_sample_error, image_options, mark_not_written, write_json
 from mmdata.transforms.image import encode
 from mmdata.writers.npy import npy_bytes
 
@@ -83,11 +83,12 @@ class ViewMaker:
         try:
             self._image(parent, sample, v, applied)
             self._audio(parent, sample, v, applied)
-        except SampleError as err:
-            return mark_not_written(sample, err)
-        self._text(parent, sample, v, applied)
-        doc["augment"] = applied
-        write_json(sample)
+            self._text(parent, sample, v, applied)
+            doc["augment"] = applied
+            write_json(sample)
+        except Exception as exc:  # noqa: BLE001 — this view's problem stays in its row
+            sample.caption = sample.image = sample.audio = None
+            return mark_not_written(sample, as_sample_error(exc))
         row.update(status="written", reason=None)
         return sample
 

@@ -27,7 +27,7 @@ PANELS: dict[str, tuple[str, ...]] = {
                          "samples_per_shard", "overwrite", "progress"),
     "Images": ("image_size", "resize_mode", "resize_only_if_bigger", "image_format", "image_quality",
                "min_image_size", "max_aspect_ratio", "max_pixels"),
-    "Text": ("min_caption_chars", "max_caption_chars", "tokenize", "tokenizer"),
+    "Text": ("min_caption_chars", "max_caption_chars", "max_sidecar_bytes", "tokenize", "tokenizer"),
     "Audio": ("sample_rate", "resample_quality", "mono", "normalize", "peak_db", "target_lufs", "trim_silence",
               "top_db", "min_duration", "max_duration", "long_clips", "mel", "n_mels", "n_fft", "hop_length",
               "fmin", "fmax"),

@@ -121,7 +121,7 @@ def parse_json(text: str) -> list[Segment]:
     """A list of ``{start, end, text}`` or Whisper's ``{"text", "segments": [...]}`` (words kept)."""
     try:
         doc = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise SampleFailed("decode:transcript", f"json: {exc}") from None
     items = doc.get("segments") if isinstance(doc, dict) else doc
     if not isinstance(items, list):
@@ -132,6 +132,8 @@ def parse_json(text: str) -> list[Segment]:
         if not isinstance(item, dict) or not isinstance(item.get("text"), str):
             raise SampleFailed("decode:transcript", f"json: {where} needs start, end and a text string")
         words = []
+        if not isinstance(item.get("words") or [], list):
+            raise SampleFailed("decode:transcript", f"json: {where}: 'words' must be a list, got {type(item['words']).__name__}")
         for j, w in enumerate(item.get("words") or []):
             wtext = w.get("word", w.get("text")) if isinstance(w, dict) else None
             if not isinstance(wtext, str):

@@ -18,8 +18,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mmdata.errors import SampleFailed, SampleFiltered
 
-# We enforce our own pixel limit on the header (max_pixels); Pillow's warning would only be noise.
-warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+try:  # HEIC/HEIF photos (optional plugin; mmdata.records accepts .heic/.heif only when it is installed)
+    from pillow_heif import register_heif_opener
+except ImportError:
+    pass
+else:
+    register_heif_opener()
 
 PIL_FORMAT = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 _ORIENTATION = 0x0112
@@ -104,6 +109,13 @@ class ImageTransform:
         self.opts = opts
 
     def __call__(self, data: bytes) -> ImageResult:
+        # We enforce our own pixel limit on the header (max_pixels); Pillow's warning would only be
+        # noise. Silenced here only, never for the whole process (it would leak into users' scripts).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return self._transform(data)
+
+    def _transform(self, data: bytes) -> ImageResult:
         opts = self.opts
         if not data:
             raise SampleFailed("empty:image", "zero-byte file")
