@@ -1,11 +1,20 @@
 """Issue 16 (the first hour of a new user): every config field is a flag, offline model errors,
 the max_pixels detail, the demo's closing hints."""
+import os
 import subprocess
 import sys
 
 import pyarrow.parquet as pq
+import pytest
+import typer.main
 
+from mmdata.cli.main import app
+from mmdata.config import BuildConfig
+from mmdata.transforms.audio_config import AudioConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MMDATA = [sys.executable, "-m", "mmdata"]
+NESTED = {"audio"}  # a mapping in YAML; its own fields are flat flags (walked below)
 
 
 def cli(*args, **kw):
@@ -19,6 +28,21 @@ def one_line_error(res, *fragments):
     for f in fragments:
         assert f in lines[0], lines[0]
     return lines[0]
+
+
+def build_options():
+    cmd = typer.main.get_command(app).commands["build"]
+    return {p.name: list(p.opts) + list(p.secondary_opts) for p in cmd.params}
+
+
+def test_every_config_field_is_a_build_flag():
+    opts = build_options()
+    fields = [f for f in BuildConfig.model_fields if f not in NESTED] + list(AudioConfig.model_fields)
+    missing = [f for f in fields if "--" + f.replace("_", "-") not in opts.get(f, [])]
+    assert not missing, f"config fields without a --flag of the same name on `mmdata build`: {missing}"
+    # and the other way: every flag but --config reaches the config model
+    extra = set(opts) - set(fields) - {"config"}
+    assert not extra, extra
 
 
 def test_max_caption_chars_flag_truncates(corpus, tmp_path):
@@ -36,3 +60,24 @@ def test_bad_value_of_a_new_flag_names_the_field(corpus, tmp_path):
                    "max_caption_chars")
     one_line_error(cli("build", "-i", corpus[0], "-o", str(tmp_path / "o"), "--index-recall-target", "2"),
                    "index_recall_target")
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--model", "mmdata-tiny"], ["--pretrained random", "checkpoint"]),   # no tags at all
+    (["--model", "ViT-B-32"], ["HF_HUB_OFFLINE", "checkpoint", "--model mmdata-tiny --pretrained random"]),
+    (["--model", "ViT-B-32", "--pretrained", "nosuchtag"], ["nosuchtag", "random"]),
+])
+def test_a_model_without_offline_weights_names_the_remedies(corpus, tmp_path, args, fragments):
+    res = cli("build", "-i", corpus[0], "-o", str(tmp_path / "o"), "--no-progress", *args,
+              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    one_line_error(res, *fragments)
+
+
+def test_the_documented_offline_path_builds_embeddings(corpus, tmp_path):
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    assert "--model mmdata-tiny --pretrained random" in readme
+    out = tmp_path / "o"
+    res = cli("build", "-i", corpus[0], "-o", str(out), "--no-progress", "--workers", "1",
+              "--model", "mmdata-tiny", "--pretrained", "random", env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0, res.stderr
+    assert (out / "embeddings" / "image" / "00000.npy").exists()
