@@ -81,3 +81,47 @@ def test_the_documented_offline_path_builds_embeddings(corpus, tmp_path):
               "--model", "mmdata-tiny", "--pretrained", "random", env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert res.returncode == 0, res.stderr
     assert (out / "embeddings" / "image" / "00000.npy").exists()
+
+
+@pytest.mark.parametrize("max_pixels,size", [(1000, 100), (100_000_000, 65500), (50_000_000, 20000)])
+def test_max_pixels_detail_quotes_the_configured_limit(max_pixels, size):
+    from PIL import Image
+
+    from mmdata.errors import SampleFiltered
+    from mmdata.transforms.image import ImageOptions, ImageTransform
+    from pipelines.demo_corpus import huge_header_png
+
+    with pytest.raises(SampleFiltered) as exc:
+        ImageTransform(ImageOptions(max_pixels=max_pixels))(huge_header_png(size, size))
+    assert exc.value.reason == "max_pixels"
+    assert f"> {max_pixels} pixels" in exc.value.detail, exc.value.detail
+    assert str(size * size) in exc.value.detail
+    assert str(2 * Image.MAX_IMAGE_PIXELS) not in exc.value.detail  # not Pillow's own limit
+
+
+def test_max_pixels_above_pillows_limit_is_honoured():
+    from pipelines.demo_corpus import huge_header_png
+    from mmdata.errors import SampleFailed
+    from mmdata.transforms.image import ImageOptions, ImageTransform
+
+    # 20000 x 20000 = 4e8 pixels: over Pillow's default bomb limit, under the configured 5e8, so
+    # it passes the guard and fails later only because its pixel data is missing
+    with pytest.raises(SampleFailed) as exc:
+        ImageTransform(ImageOptions(max_pixels=500_000_000))(huge_header_png(20000, 20000))
+    assert exc.value.reason == "decode:image"
+
+
+def test_setup_declares_its_data_without_setuptools_warnings(tmp_path):
+    import shutil
+
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(os.path.join(ROOT, "setup.py"), src)
+    for pkg in ("mmdata", "pipelines"):
+        shutil.copytree(os.path.join(ROOT, pkg), src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    res = subprocess.run([sys.executable, "setup.py", "build_py", "--build-lib", str(tmp_path / "lib")],
+                         cwd=src, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "absent from the" not in res.stdout + res.stderr
+    assert (tmp_path / "lib" / "mmdata" / "encoders" / "model_configs" / "mmdata-tiny.json").is_file()
+    assert (tmp_path / "lib" / "pipelines" / "configs" / "demo.yaml").is_file()
