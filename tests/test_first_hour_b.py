@@ -73,14 +73,27 @@ def test_a_model_without_offline_weights_names_the_remedies(corpus, tmp_path, ar
     one_line_error(res, *fragments)
 
 
-def test_the_documented_offline_path_builds_embeddings(corpus, tmp_path):
-    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    assert "--model mmdata-tiny --pretrained random" in readme
-    out = tmp_path / "o"
-    res = cli("build", "-i", corpus[0], "-o", str(out), "--no-progress", "--workers", "1",
+@pytest.fixture(scope="module")
+def offline_build(corpus, tmp_path_factory):
+    """The README's offline path, through the CLI with 2 workers and the progress bar on."""
+    out = tmp_path_factory.mktemp("offline") / "o"
+    res = cli("build", "-i", corpus[0], "-o", str(out), "--workers", "2", "--samples-per-shard", "16",
               "--model", "mmdata-tiny", "--pretrained", "random", env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert res.returncode == 0, res.stderr
-    assert (out / "embeddings" / "image" / "00000.npy").exists()
+    return str(out), res
+
+
+def test_the_documented_offline_path_builds_embeddings(offline_build):
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    assert "--model mmdata-tiny --pretrained random" in readme
+    out, _ = offline_build
+    assert os.path.exists(os.path.join(out, "embeddings", "image", "00000.npy"))
+
+
+def test_random_weights_warning_prints_once(offline_build):
+    _, res = offline_build
+    assert res.stderr.count("random weights") == 1, res.stderr
+    assert "initialized randomly" not in res.stderr  # open_clip's own, once per worker
 
 
 @pytest.mark.parametrize("max_pixels,size", [(1000, 100), (100_000_000, 65500), (50_000_000, 20000)])
@@ -125,3 +138,38 @@ def test_setup_declares_its_data_without_setuptools_warnings(tmp_path):
     assert "absent from the" not in res.stdout + res.stderr
     assert (tmp_path / "lib" / "mmdata" / "encoders" / "model_configs" / "mmdata-tiny.json").is_file()
     assert (tmp_path / "lib" / "pipelines" / "configs" / "demo.yaml").is_file()
+
+
+def demo_next(out, *args):
+    return subprocess.run([sys.executable, "-m", "pipelines.demo_next", out, *args], capture_output=True,
+                          text=True, cwd=ROOT)
+
+
+def test_demo_next_steps_run_as_printed(offline_build):
+    import json
+    import shlex
+
+    out, _ = offline_build
+    mmdata = " ".join(shlex.quote(a) for a in MMDATA)
+    res = demo_next(out, "--mmdata", mmdata, "--python", shlex.quote(sys.executable))
+    assert res.returncode == 0, res.stderr
+    text = res.stdout
+    n = len(json.load(open(os.path.join(out, "shards", "sizes.json"))))
+    assert n > 1 and f"{out}/shards/{{00000..{n - 1:05d}}}.tar" in text
+    assert "random weights" in text and "mmdata-tiny" in text
+    commands = {line.split(":", 1)[0].strip(): line.split(":", 1)[1].strip()
+                for line in text.splitlines() if line.startswith("  ") and ":" in line}
+    for label, expect in [("inspect a shard", "samples"), ("search", "  1  "), ("load a batch", "'image': (4, 3,")]:
+        run = subprocess.run(commands[label], shell=True, capture_output=True, text=True, cwd=ROOT,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT})
+        assert run.returncode == 0 and expect in run.stdout, (label, commands[label], run.stdout, run.stderr)
+
+
+def test_shard_pattern_and_a_missing_build(tmp_path):
+    from pipelines.demo_next import shard_pattern
+
+    assert shard_pattern("d", ["00001.tar", "00000.tar", "00002.tar"]) == "d/shards/{00000..00002}.tar"
+    assert shard_pattern("d/", ["00000.tar"]) == "d/shards/00000.tar"
+    assert shard_pattern("d", ["00000.tar", "00003.tar"]) == "d/shards/{00000,00003}.tar"
+    res = demo_next(str(tmp_path / "nothing"))
+    assert res.returncode == 2 and res.stderr.startswith("error: ") and "not a finished build" in res.stderr

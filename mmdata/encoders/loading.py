@@ -75,6 +75,12 @@ class LoadedModel:
     info: dict[str, Any]
 
 
+def _not_open_clips_random_warning(record: logging.LogRecord) -> bool:
+    """open_clip warns "initialized randomly" in every process that loads random weights (inside
+    the progress bar); the build warns once itself (``mmdata.embedding.check_models``)."""
+    return "initialized randomly" not in record.getMessage()
+
+
 _CACHE: dict[tuple, LoadedModel] = {}
 _LOCK = threading.Lock()
 
@@ -249,9 +255,14 @@ def _load(model: str, weights: Weights, device: str, precision: str, seed: int) 
     try:
         if weights.kind == "random":
             # Seed only the CPU generator, and restore it after: deterministic weights, no global side effect.
-            with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(seed)
-                net, _, preprocess = open_clip.create_model_and_transforms(model, **kwargs)
+            root = logging.getLogger()
+            root.addFilter(_not_open_clips_random_warning)
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    torch.default_generator.manual_seed(seed)
+                    net, _, preprocess = open_clip.create_model_and_transforms(model, **kwargs)
+            finally:
+                root.removeFilter(_not_open_clips_random_warning)
         else:
             net, _, preprocess = open_clip.create_model_and_transforms(model, **kwargs)
     except _CHECKPOINT_ERRORS as exc:
