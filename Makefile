@@ -23,6 +23,7 @@ demo: setup
 	$(VENV)/bin/mmdata verify demo_out
 	$(VENV)/bin/mmdata search demo_out --key animals_chelsea -k 3
 	@echo "demo output: $(CURDIR)/demo_out  (shards in demo_out/shards, summary in demo_out/manifest.json)"
+	@$(PY) -m pipelines.demo_next demo_out --mmdata $(VENV)/bin/mmdata --python $(PY)
 
 test: setup
 	$(PY) -m pytest -q tests

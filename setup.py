@@ -31,9 +31,11 @@ setup(
     name="mmdata",
     version="0.1.0",
     description=__doc__,
-    packages=find_packages(include=["mmdata", "mmdata.*", "pipelines", "pipelines.*"]),
-    package_data={"mmdata": ["encoders/model_configs/*.json"], "": ["*.yaml"]},
-    include_package_data=True,
+    # the data folders are listed as packages of their own, so setuptools does not warn that they
+    # are "absent from the packages configuration"
+    packages=find_packages(include=["mmdata", "mmdata.*", "pipelines", "pipelines.*"])
+    + ["mmdata.encoders.model_configs", "pipelines.configs"],
+    package_data={"mmdata.encoders.model_configs": ["*.json"], "pipelines.configs": ["*.yaml"]},
     python_requires=">=3.10",
     install_requires=CORE,
     extras_require=EXTRAS,

@@ -26,7 +26,12 @@ def check_models(config: BuildConfig) -> None:
     from mmdata.encoders.loading import check_model_name, resolve_weights
 
     check_model_name(config.model)
-    resolve_weights(config.model, config.pretrained)
+    if resolve_weights(config.model, config.pretrained).kind == "random":
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "%s has random weights (--pretrained random, seed %d): embeddings, index and search run, "
+            "but neighbours mean nothing", config.model, config.model_seed)
 
 
 def make_encoder(config: BuildConfig):

@@ -35,7 +35,8 @@ if not set(p.stem for p in CONFIG_DIR.glob("*.json")) <= set(open_clip.list_mode
     open_clip.add_model_config(CONFIG_DIR)
 
 RANDOM = "random"
-_REMEDY = "pass --pretrained /path/to/checkpoint.pt or pre-download the weights into HF_HOME"
+_REMEDY = ("pass --pretrained /path/to/checkpoint.pt, pre-download the weights into HF_HOME, "
+           "or run offline with random weights: --model mmdata-tiny --pretrained random")
 _PROBE_TIMEOUT_S = 3.0
 _CHECKPOINT_EXTS = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
 
@@ -72,6 +73,12 @@ class LoadedModel:
     tokenizer: Callable
     embed_dim: int
     info: dict[str, Any]
+
+
+def _not_open_clips_random_warning(record: logging.LogRecord) -> bool:
+    """open_clip warns "initialized randomly" in every process that loads random weights (inside
+    the progress bar); the build warns once itself (``mmdata.embedding.check_models``)."""
+    return "initialized randomly" not in record.getMessage()
 
 
 _CACHE: dict[tuple, LoadedModel] = {}
@@ -164,9 +171,13 @@ def resolve_weights(model: str, pretrained: Optional[str]) -> Weights:
         raise UserError(f"cannot load {model}: checkpoint {pretrained!r} not found; "
                         f"pass an existing checkpoint file to --pretrained")
     tags = open_clip.list_pretrained_tags_by_model(name)
+    if not tags:
+        raise UserError(f"cannot load {model}: it has no pretrained tags and {pretrained!r} is not a checkpoint "
+                        f"file; pass --pretrained random (random weights: tests, the offline demo) "
+                        f"or --pretrained /path/to/checkpoint.pt")
     known = ", ".join(tags[:6]) + (f", ... ({len(tags)} in all)" if len(tags) > 6 else "") if tags else "none"
     raise UserError(f"cannot load {model}: {pretrained!r} is neither a pretrained tag of this model "
-                    f"(known: {known}) nor a checkpoint file; pass a tag or a checkpoint path")
+                    f"(known: {known}) nor a checkpoint file; pass a tag, a checkpoint path or random")
 
 
 def _resolve_tag(model: str, tag: str, cfg: dict) -> Weights:
@@ -244,9 +255,14 @@ def _load(model: str, weights: Weights, device: str, precision: str, seed: int) 
     try:
         if weights.kind == "random":
             # Seed only the CPU generator, and restore it after: deterministic weights, no global side effect.
-            with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(seed)
-                net, _, preprocess = open_clip.create_model_and_transforms(model, **kwargs)
+            root = logging.getLogger()
+            root.addFilter(_not_open_clips_random_warning)
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    torch.default_generator.manual_seed(seed)
+                    net, _, preprocess = open_clip.create_model_and_transforms(model, **kwargs)
+            finally:
+                root.removeFilter(_not_open_clips_random_warning)
         else:
             net, _, preprocess = open_clip.create_model_and_transforms(model, **kwargs)
     except _CHECKPOINT_ERRORS as exc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import struct
 import warnings
 from dataclasses import dataclass
@@ -102,11 +103,22 @@ def geometry(width: int, height: int, opts: ImageOptions) -> tuple[float, tuple[
     return scale, resized, (opts.size, opts.size) if square else resized
 
 
+def _too_many_pixels(exc: Image.DecompressionBombError, max_pixels: int) -> SampleFiltered:
+    """Pillow's own bomb error, told in terms of the configured ``max_pixels`` (not Pillow's limit)."""
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    claimed = f"{found.group(1)} pixels" if found else "more pixels"
+    return SampleFiltered("max_pixels", f"{claimed} > {max_pixels} pixels (max_pixels)")
+
+
 class ImageTransform:
     """Callable on the raw bytes of one image; raises SampleFailed / SampleFiltered."""
 
     def __init__(self, opts: ImageOptions):
         self.opts = opts
+        # Pillow refuses images over 2 x MAX_IMAGE_PIXELS before our header check runs: keep its
+        # limit at least ours, so a configured max_pixels above Pillow's default is honoured.
+        if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < opts.max_pixels:
+            Image.MAX_IMAGE_PIXELS = opts.max_pixels
 
     def __call__(self, data: bytes) -> ImageResult:
         # We enforce our own pixel limit on the header (max_pixels); Pillow's warning would only be
@@ -122,7 +134,7 @@ class ImageTransform:
         try:
             im = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as exc:
-            raise SampleFiltered("max_pixels", str(exc)) from None
+            raise _too_many_pixels(exc, opts.max_pixels) from None
         except UnidentifiedImageError:
             raise SampleFailed("decode:image", "not a recognised image format") from None
         except _DECODE_ERRORS as exc:
@@ -130,7 +142,8 @@ class ImageTransform:
         source_format = im.format or "unknown"
         stored_w, stored_h = im.size
         if stored_w * stored_h > opts.max_pixels:
-            raise SampleFiltered("max_pixels", f"{stored_w}x{stored_h} > {opts.max_pixels} pixels")
+            raise SampleFiltered("max_pixels", f"{stored_w}x{stored_h} = {stored_w * stored_h} pixels "
+                                               f"> {opts.max_pixels} pixels (max_pixels)")
         orientation = _orientation(im)
         width, height = (stored_h, stored_w) if orientation in _SWAPS_AXES else (stored_w, stored_h)
         if min(width, height) < max(opts.min_side, 1):
@@ -158,7 +171,7 @@ class ImageTransform:
                 im = ImageOps.exif_transpose(im)
             im = to_rgb(im)
         except Image.DecompressionBombError as exc:
-            raise SampleFiltered("max_pixels", str(exc)) from None
+            raise _too_many_pixels(exc, opts.max_pixels) from None
         except _DECODE_ERRORS as exc:
             raise SampleFailed("decode:image", str(exc)) from None
         if im.size != (new_w, new_h):
