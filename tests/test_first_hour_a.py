@@ -1,0 +1,72 @@
+"""Issue 16 (the first hour): tie-aware recall, stable tie order, verify messages, resume messages."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+faiss = pytest.importorskip("faiss")
+
+from mmdata.index import EmbeddingSource, build_index, recall_at
+from mmdata.index.evaluate import exact_scorer
+from mmdata.index.sources import validate_sources
+
+
+def duplicated(n_distinct: int, copies: int, dim: int, seed: int = 0) -> np.ndarray:
+    """Unit vectors, each repeated ``copies`` times (exact duplicates, as a scraped corpus has)."""
+    x = np.random.default_rng(seed).standard_normal((n_distinct, dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return np.repeat(x, copies, axis=0)
+
+
+def save(folder, x: np.ndarray, n_files: int = 2) -> list[EmbeddingSource]:
+    folder.mkdir(parents=True, exist_ok=True)
+    ids = np.arange(len(x), dtype=np.int64) * 7 + 3  # ids are not row positions
+    sources = []
+    for i, rows in enumerate(np.array_split(np.arange(len(x)), n_files)):
+        np.save(folder / f"{i}.npy", x[rows])
+        sources.append(EmbeddingSource(str(folder / f"{i}.npy"), ids[rows]))
+    return sources
+
+
+# --- item 9: tie-aware recall ----------------------------------------------------------------------
+
+def test_flat_index_over_exact_duplicates_reports_recall_one_and_reached(tmp_path):
+    x = duplicated(150, 12, 16)  # 12 copies: the exact top-10 is any 10 of 11 equal neighbours
+    sources = save(tmp_path / "emb", x)
+    infos = build_index(sources, str(tmp_path / "flat.index"), index_key="Flat", recall_target=0.99)
+    assert infos["recall_at_1"] == 1.0 and infos["recall_at_10"] == 1.0
+    assert infos["recall_target_reached"] is True
+
+
+def test_recall_target_reached_agrees_with_the_reported_number(tmp_path):
+    x = np.random.default_rng(1).standard_normal((4000, 16)).astype(np.float32)
+    sources = save(tmp_path / "emb", x)
+    # a target no IVF with few probes reaches on the held-out half, or one it always reaches
+    for target in (0.999999, 0.05):
+        infos = build_index(sources, str(tmp_path / "ivf.index"), index_key="IVF32,Flat", recall_target=target)
+        assert infos["recall_target_reached"] == (infos["recall_at_10"] >= target)
+
+
+def test_tie_aware_recall_does_not_credit_wrong_answers(tmp_path):
+    x = duplicated(50, 3, 8)
+    sources = save(tmp_path / "emb", x)
+    corpus = validate_sources(sources)
+    ids = np.concatenate([s.ids for s in sources])
+    q = x[:3]  # three copies of one vector
+    scores = q @ x.T
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :2]
+    truth, truth_scores = ids[order], np.take_along_axis(scores, order, axis=1)
+    assert (truth == ids[[0, 1]]).all()
+    score = exact_scorer(corpus)
+    # answers that pick the other copy of the same vector are correct
+    other_copies = ids[[[2, 1]] * 3]
+    assert recall_at(other_copies, truth, 2, score(q, other_copies), truth_scores) == 1.0
+    # without scores, the id overlap (tie-sensitive) is what is measured
+    assert recall_at(other_copies, truth, 2) == 0.5
+    # far vectors are not correct, whatever their ids, and -1 (no result) never is
+    far = ids[np.argsort(scores, axis=1)[:, :2]]
+    assert recall_at(far, truth, 2, score(q, far), truth_scores) == 0.0
+    near_and_far = np.stack([other_copies[:, 0], far[:, 0]], axis=1)
+    assert recall_at(near_and_far, truth, 2, score(q, near_and_far), truth_scores) == 0.5
+    missing = np.full((3, 2), -1, dtype=np.int64)
+    assert recall_at(missing, truth, 2, score(q, missing), truth_scores) == 0.0
