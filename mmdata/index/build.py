@@ -109,7 +109,8 @@ def tune_and_write(
     if k < 1:  # a single vector: nothing to measure against
         size = write_index_atomic(faiss, index, out_path)
         return {"search_params": {}, "search_params_string": "", "recall_target": recall_target,
-                "recall_target_reached": True, "tune_recall_target_reached": True, "recall_at_1": 1.0, "recall_at_10": 1.0, "ms_per_query": 0.0,
+                "recall_target_reached": True, "tune_recall_target_reached": True,
+                "recall_at_1": 1.0, "recall_at_10": 1.0, "ms_per_query": 0.0,
                 "n_queries": 0, "n_tune_queries": 0, "query_protocol": QUERY_PROTOCOL, "tuning_curve": [],
                 "tune_seconds": 0.0, "size_bytes": int(size)}
     queries, query_ids = sample_queries(corpus, n_queries, seed)
