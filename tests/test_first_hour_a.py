@@ -1,6 +1,8 @@
 """Issue 16 (the first hour): tie-aware recall, stable tie order, verify messages, resume messages."""
 from __future__ import annotations
 
+import glob
+
 import numpy as np
 import pytest
 
@@ -70,3 +72,43 @@ def test_tie_aware_recall_does_not_credit_wrong_answers(tmp_path):
     assert recall_at(near_and_far, truth, 2, score(q, near_and_far), truth_scores) == 0.5
     missing = np.full((3, 2), -1, dtype=np.int64)
     assert recall_at(missing, truth, 2, score(q, missing), truth_scores) == 0.0
+
+
+# --- item 10: equal scores come back by id, the same for every k ------------------------------------
+
+def test_order_ties_by_id_groups_equal_scores():
+    from mmdata.retrieval import order_ties_by_id
+
+    pairs = [(0.5, 9), (0.9, 7), (0.9 + 1e-9, 3), (0.9, 5), (0.1, 1), (0.5, 2)]
+    assert [i for _, i in order_ties_by_id(pairs)] == [3, 5, 7, 2, 9, 1]
+    assert order_ties_by_id([]) == []
+
+
+@pytest.fixture(scope="module")
+def copies_built(big_corpus, tmp_path_factory):
+    from conftest import run_build
+
+    out = tmp_path_factory.mktemp("copies")
+    run_build(big_corpus, out, workers=1, model="mmdata-tiny", pretrained="random", embed_batch_size=16)
+    return str(out)
+
+
+def test_search_with_identical_copies_is_stable_across_k(copies_built):
+    from mmdata.retrieval import Retriever
+
+    r = Retriever(copies_built)
+    files = sorted(glob.glob(f"{copies_built}/embeddings/image/*.npy"))
+    emb = np.concatenate([np.load(p) for p in files]).astype(np.float32)
+    emb = emb[np.linalg.norm(emb, axis=1) > 0]
+    # a vector with several identical copies in the index
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    same = (unit @ unit.T >= 1 - 1e-6).sum(axis=1)
+    query = emb[int(np.argmax(same))]
+    assert same.max() >= 3
+    for small, large in ((1, 2), (2, 5), (3, 10)):
+        a = [h.id for h in r.search_embedding(query, k=small)]
+        b = [h.id for h in r.search_embedding(query, k=large)]
+        assert a == b[:small]
+    top = r.search_embedding(query, k=int(same.max()))
+    assert [h.id for h in top] == sorted(h.id for h in top)  # all tied: by ascending id
+    assert [h.rank for h in top] == list(range(1, len(top) + 1))
