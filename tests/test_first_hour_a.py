@@ -112,3 +112,59 @@ def test_search_with_identical_copies_is_stable_across_k(copies_built):
     top = r.search_embedding(query, k=int(same.max()))
     assert [h.id for h in top] == sorted(h.id for h in top)  # all tied: by ascending id
     assert [h.rank for h in top] == list(range(1, len(top) + 1))
+
+
+# --- item 8: verify of a bad path, verify's counts, one error prefix --------------------------------
+
+def mmdata_cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "mmdata", *map(str, args)], check=False, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_verify_of_a_missing_or_foreign_folder_is_one_error_line_exit_2(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("hi")
+    for path, fragment in ((tmp_path / "nope", "no such folder"), (tmp_path / "notes", "not an mmdata output")):
+        res = mmdata_cli("verify", path)
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1, res.stderr
+        assert lines[0].startswith("error: ") and fragment in lines[0] and str(path) in lines[0]
+        assert "MISMATCH" not in res.stderr and res.stdout == ""
+
+
+def test_verify_prints_the_counts_it_checked_and_mismatch_exits_1(copies_built, tmp_path):
+    import json
+    import re
+    import shutil
+
+    res = mmdata_cli("verify", copies_built)
+    assert res.returncode == 0, res.stderr
+    with open(f"{copies_built}/shards/sizes.json") as f:
+        sizes = json.load(f)
+    with open(f"{copies_built}/manifest.json") as f:
+        c = json.load(f)["counts"]
+    m = re.search(r"ok: (\d+) shards, (\d+) samples; (\d+) records = (\d+) written \+ (\d+) filtered \+ (\d+) failed",
+                  res.stdout)
+    assert m, res.stdout
+    assert [int(g) for g in m.groups()] == [len(sizes), sum(sizes.values()), c["inputs"], c["written"],
+                                            c["filtered"], c["failed"]]
+    assert "embedding files (image, text)" in res.stdout
+    # a damaged output still lists its mismatches and exits 1
+    broken = tmp_path / "broken"
+    shutil.copytree(copies_built, broken)
+    (broken / "shards" / min(sizes)).unlink()
+    res = mmdata_cli("verify", broken)
+    assert res.returncode == 1 and "MISMATCH" in res.stderr and "missing" in res.stderr
+
+
+def test_click_usage_errors_use_the_same_error_prefix():
+    for args, fragment in ((("build", "--no-such-flag"), "--no-such-flag"), (("build", "--workers", "x"), "--workers"),
+                           (("no-such-command",), "no-such-command"), (("verify",), "out")):
+        res = mmdata_cli(*args)
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1, res.stderr
+        assert lines[0].startswith("error: ") and fragment in lines[0] and "--help" in lines[0]
+        assert "Error" not in res.stderr and "Traceback" not in res.stderr

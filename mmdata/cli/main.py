@@ -74,14 +74,21 @@ def inspect(shard: str = typer.Argument(..., help="a .tar shard (any fsspec URL)
 @app.command()
 def verify(out: str = typer.Argument(..., help="a build's output folder")) -> None:
     """Re-read every shard; check counts against sizes.json and the tables. Exit 1 on any mismatch."""
-    from mmdata.verify import verify_output
+    from mmdata.verify import verify_report
 
-    problems = verify_output(out)
+    try:
+        problems, checked = verify_report(out)
+    except UserError as err:
+        fail(str(err))
     for p in problems:
         typer.echo(f"MISMATCH {p}", err=True)
     if problems:
         raise typer.Exit(1)
-    typer.echo(f"{out}: ok")
+    c = checked
+    embeddings = (f", {c['embedding_files']} embedding files ({', '.join(c['modalities'])})"
+                  if c.get("modalities") else "")
+    typer.echo(f"{out}: ok: {c['shards']} shards, {c['samples']} samples; {c['inputs']} records = "
+               f"{c['samples']} written + {c['filtered']} filtered + {c['failed']} failed{embeddings}")
 
 
 @app.command()
@@ -162,7 +169,21 @@ def search(
 
 
 def main() -> None:
-    app()
+    """Run the CLI; its own usage errors (unknown option, bad value) print one ``error:`` line too."""
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:
+        typer.echo("error: aborted", err=True)
+        sys.exit(1)
+    except typer.TyperException as exc:  # click's ClickException and UsageError
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `mmdata`: the help screen
+            exc.show()
+            sys.exit(exc.exit_code)
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None and exc.exit_code == 2 else ""
+        typer.echo(f"error: {exc.format_message()}{hint}", err=True)
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
