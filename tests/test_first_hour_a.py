@@ -168,3 +168,33 @@ def test_click_usage_errors_use_the_same_error_prefix():
         assert res.returncode == 2 and len(lines) == 1, res.stderr
         assert lines[0].startswith("error: ") and fragment in lines[0] and "--help" in lines[0]
         assert "Error" not in res.stderr and "Traceback" not in res.stderr
+
+
+# --- item 7: a resume with another config names what changed ----------------------------------------
+
+def test_config_mismatch_names_the_changed_fields_and_the_ways_out(corpus, tmp_path):
+    from conftest import run_build
+    from mmdata.errors import UserError
+
+    out = tmp_path / "o"
+    run_build(corpus[0], out, workers=1, image_size=128)
+    with pytest.raises(UserError) as err:
+        run_build(corpus[0], out, workers=2, image_size=64, image_format="png")
+    message = str(err.value)
+    assert "image_size: 128 → 64" in message and 'image_format: "jpg" → "png"' in message
+    assert "workers" not in message  # runtime fields do not count
+    assert "same settings" in message and "--overwrite" in message and "--out" in message
+    assert "\n" not in message
+    # the same config resumes; --overwrite rebuilds with the new one
+    run_build(corpus[0], out, workers=2, image_size=128)
+    assert run_build(corpus[0], out, workers=1, image_size=64, overwrite=True)["config"]["image_size"] == 64
+
+
+def test_config_mismatch_through_the_cli_is_one_error_line(corpus, tmp_path):
+    out = tmp_path / "o"
+    first = mmdata_cli("build", "-i", corpus[0], "-o", out, "--workers", "1", "--no-progress", "--image-size", "96")
+    assert first.returncode == 0, first.stderr
+    res = mmdata_cli("build", "-i", corpus[0], "-o", out, "--workers", "1", "--no-progress", "--image-size", "80")
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert "image_size: 96 → 80" in lines[0]
