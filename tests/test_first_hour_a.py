@@ -174,6 +174,7 @@ def test_click_usage_errors_use_the_same_error_prefix():
 
 def test_config_mismatch_names_the_changed_fields_and_the_ways_out(corpus, tmp_path):
     from conftest import run_build
+
     from mmdata.errors import UserError
 
     out = tmp_path / "o"
