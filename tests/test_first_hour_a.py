@@ -5,6 +5,7 @@ import glob
 
 import numpy as np
 import pytest
+from conftest import run_build
 
 faiss = pytest.importorskip("faiss")
 
@@ -86,8 +87,6 @@ def test_order_ties_by_id_groups_equal_scores():
 
 @pytest.fixture(scope="module")
 def copies_built(big_corpus, tmp_path_factory):
-    from conftest import run_build
-
     out = tmp_path_factory.mktemp("copies")
     run_build(big_corpus, out, workers=1, model="mmdata-tiny", pretrained="random", embed_batch_size=16)
     return str(out)
@@ -173,7 +172,6 @@ def test_click_usage_errors_use_the_same_error_prefix():
 # --- item 7: a resume with another config names what changed ----------------------------------------
 
 def test_config_mismatch_names_the_changed_fields_and_the_ways_out(corpus, tmp_path):
-    from conftest import run_build
 
     from mmdata.errors import UserError
 
@@ -199,3 +197,45 @@ def test_config_mismatch_through_the_cli_is_one_error_line(corpus, tmp_path):
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), res.stderr
     assert "image_size: 96 → 80" in lines[0]
+
+
+# --- item 6: a resumed build says what it skipped and counts only this run's work ------------------
+
+def test_resumed_build_reports_skipped_units_and_only_this_runs_counts(corpus, tmp_path):
+    import json
+    import os
+
+    out = tmp_path / "o"
+    first = run_build(corpus[0], out, workers=1)
+    n_units = first["units"]
+    assert n_units >= 3 and first["run"] == {"units_skipped": 0, "units_built": n_units,
+                                             "records": first["records"], "counts": first["counts"]}
+    again = run_build(corpus[0], out, workers=1)
+    assert again["run"]["units_skipped"] == n_units and again["run"]["units_built"] == 0
+    assert again["run"]["records"] == 0 and set(again["run"]["counts"].values()) == {0}
+    assert again["counts"] == first["counts"]  # the output as a whole is unchanged
+    # one unit lost its commit: only it is built again, and only its rows are this run's
+    with open(out / "shards" / "00001_stats.json") as f:
+        unit_counts = json.load(f)["counts"]
+    os.remove(out / "shards" / "00001_stats.json")
+    partial = run_build(corpus[0], out, workers=1)
+    assert partial["run"]["units_skipped"] == n_units - 1 and partial["run"]["units_built"] == 1
+    assert partial["run"]["counts"] == {k: unit_counts[k] for k in ("inputs", "written", "filtered", "failed")}
+    assert partial["counts"] == first["counts"]
+
+
+def test_resumed_build_through_the_cli_says_units_skipped(corpus, tmp_path):
+    out = tmp_path / "o"
+    args = ("build", "-i", corpus[0], "-o", out, "--workers", "1", "--samples-per-shard", "8")
+    first = mmdata_cli(*args, "--no-progress")
+    assert first.returncode == 0 and "already committed" not in first.stdout + first.stderr, first.stderr
+    total = first.stdout.splitlines()[0].split(" in ")[0]  # "N records: W written, F filtered, X failed"
+    res = mmdata_cli(*args)  # with the progress display
+    assert res.returncode == 0, res.stderr
+    n_units = len(list((out / "shards").glob("*.tar")))
+    assert f"resuming {out}: {n_units} of {n_units} units already committed, skipped" in res.stderr
+    assert "build:" not in res.stderr  # no progress bar for no work
+    lines = res.stdout.splitlines()
+    assert lines[0] == f"resumed: {n_units} of {n_units} units already committed, skipped"
+    assert lines[1].startswith("this run: 0 records: 0 written, 0 filtered, 0 failed in ")
+    assert lines[2] == f"in total: {total}"

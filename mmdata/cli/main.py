@@ -36,12 +36,25 @@ def _run_build(config: Optional[Path], flags: dict) -> None:
 app.command(name="build", cls=PanelCommand)(build_command(_run_build, "Build WebDataset shards (and their tables) from a corpus."))
 
 
+def _counts_line(records: int, c: dict) -> str:
+    rows = f"{records} records" if records == c["inputs"] else f"{records} records, {c['inputs']} rows"
+    return f"{rows}: {c['written']} written, {c['filtered']} filtered, {c['failed']} failed"
+
+
 def print_summary(manifest: dict, out: str) -> None:
     c = manifest["counts"]
     records = manifest.get("records", c["inputs"])  # rows outnumber records with segments and views
-    rows = f"{records} records" if records == c["inputs"] else f"{records} records, {c['inputs']} rows"
-    typer.echo(f"{rows}: {c['written']} written, {c['filtered']} filtered, {c['failed']} failed "
-               f"in {manifest['timings']['wall_seconds']:.1f} s ({manifest['timings']['samples_per_second']:.1f} samples/s)")
+    timing = (f"in {manifest['timings']['wall_seconds']:.1f} s "
+              f"({manifest['timings']['samples_per_second']:.1f} samples/s)")
+    run = manifest.get("run") or {}
+    if run.get("units_skipped"):  # a resumed build: this run's work, then the whole output's
+        from mmdata.build import resume_line
+
+        typer.echo(f"resumed: {resume_line(run['units_skipped'], manifest['units'])}")
+        typer.echo(f"this run: {_counts_line(run['records'], run['counts'])} {timing}")
+        typer.echo(f"in total: {_counts_line(records, c)}")
+    else:
+        typer.echo(f"{_counts_line(records, c)} {timing}")
     for status in ("filtered", "failed"):
         for reason, n in sorted(manifest["reasons"][status].items(), key=lambda kv: -kv[1]):
             typer.echo(f"  {status:8s} {n:6d}  {reason}")
