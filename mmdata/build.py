@@ -13,6 +13,12 @@ from mmdata.finalize import finalize
 from mmdata.indexing import check_index_options
 from mmdata.plan import check_input, make_or_load_plan
 from mmdata.storage import OutputDir
+from mmdata.unit import read_committed
+
+
+def resume_line(n_skipped: int, n_units: int) -> str:
+    """``3 of 3 units already committed, skipped``."""
+    return f"{n_skipped} of {n_units} units already committed, skipped"
 
 
 def build(config: BuildConfig) -> dict:
@@ -28,11 +34,16 @@ def build(config: BuildConfig) -> dict:
             out.remove(folder)
         out.makedirs("shards")
     units, resumed = make_or_load_plan(config, out)
-    total = sum(len(u.records) for u in units)
+    skipped: set[str] = set()
+    if resumed:  # committed units are not handed to the engine: the bar and counts show this run's work
+        skipped = {u.name for u in units
+                   if read_committed(out, u.name, config.config_hash, config.embedded_modalities) is not None}
+    todo = [u for u in units if u.name not in skipped]
+    total = sum(len(u.records) for u in todo)
     if resumed and config.progress:
-        print(f"resuming {out.url}: plan of {total} records in {len(units)} units (--overwrite to re-plan)", file=sys.stderr)
+        print(f"resuming {out.url}: {resume_line(len(skipped), len(units))} (--overwrite to rebuild)", file=sys.stderr)
     engine = get_engine(config)
-    bar = tqdm(total=total, unit="sample", disable=not config.progress, dynamic_ncols=True, desc="build")
+    bar = tqdm(total=total, unit="sample", disable=not config.progress or not todo, dynamic_ncols=True, desc="build")
 
     written = [0]
 
@@ -43,9 +54,10 @@ def build(config: BuildConfig) -> dict:
 
     try:
         try:
-            engine.map_units(config, units, on_done)
+            if todo:
+                engine.map_units(config, todo, on_done)
         finally:
             bar.close()
-        return finalize(config, out, units, time.perf_counter() - started, engine=engine)
+        return finalize(config, out, units, time.perf_counter() - started, engine=engine, skipped_units=skipped)
     finally:
         engine.close()

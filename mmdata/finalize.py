@@ -86,10 +86,13 @@ def audio_facts(config: BuildConfig, all_stats: list[dict]) -> dict:
     return facts
 
 
-def finalize(config: BuildConfig, out: OutputDir, units: list[Unit], wall_seconds: float, engine=None) -> dict:
+def finalize(config: BuildConfig, out: OutputDir, units: list[Unit], wall_seconds: float, engine=None,
+             skipped_units: set[str] | frozenset = frozenset()) -> dict:
     """Check every unit committed, write sizes.json, the indexes and manifest.json; return the manifest.
 
     ``engine``: the build's engine, still open, for a distributed index build (``index_distributed``).
+    ``skipped_units``: names of the units a resumed run found committed; ``run`` in the manifest
+    counts the work of this run only (the top-level counts cover the whole output).
     """
     all_stats = []
     for unit in units:
@@ -102,6 +105,7 @@ def finalize(config: BuildConfig, out: OutputDir, units: list[Unit], wall_second
     sizes = {s["shard"]: s["counts"]["written"] for s in all_stats}
     out.write_bytes("shards/sizes.json", json.dumps(sizes, indent=1, sort_keys=True).encode())
     merged = merge_stats(all_stats)
+    this_run = merge_stats([s for u, s in zip(units, all_stats) if u.name not in skipped_units])
     c = merged["counts"]
     assert c["inputs"] == c["written"] + c["filtered"] + c["failed"], c
     manifest = {
@@ -112,7 +116,10 @@ def finalize(config: BuildConfig, out: OutputDir, units: list[Unit], wall_second
         **merged,
         "units": len(units),
         "shards": [s["shard"] for s in all_stats],
-        "timings": {"wall_seconds": round(wall_seconds, 3), "samples_per_second": round(c["inputs"] / max(wall_seconds, 1e-9), 2)},
+        "run": {"units_skipped": len(skipped_units), "units_built": len(units) - len(skipped_units),
+                "records": this_run["records"], "counts": this_run["counts"]},
+        "timings": {"wall_seconds": round(wall_seconds, 3),
+                    "samples_per_second": round(this_run["counts"]["inputs"] / max(wall_seconds, 1e-9), 2)},
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if any(s.get("audio", {}).get("samples") for s in all_stats):

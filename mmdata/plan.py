@@ -13,7 +13,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mmdata.config import BuildConfig
+from mmdata.config import RUNTIME_FIELDS, BuildConfig
 from mmdata.errors import UserError
 from mmdata.keys import key_to_id, unique_keys
 from mmdata.records import Record, Unit
@@ -73,7 +73,9 @@ def cut_units(records: list[Record], samples_per_shard: int) -> list[Unit]:
     return [Unit(i, records[s : s + samples_per_shard]) for i, s in enumerate(range(0, len(records), samples_per_shard))]
 
 
-def plan_table(units: list[Unit], config_hash: str) -> pa.Table:
+def plan_table(units: list[Unit], config_hash: str, content: dict | None = None) -> pa.Table:
+    """The plan as a table; ``content`` (the config's output-deciding fields) is kept in its
+    metadata so that a resume with another config can say which fields changed."""
     rows = [
         {
             "unit": u.index,
@@ -89,12 +91,15 @@ def plan_table(units: list[Unit], config_hash: str) -> pa.Table:
         for r in u.records
     ]
     table = pa.Table.from_pylist(rows, schema=PLAN_SCHEMA)
-    return table.replace_schema_metadata({"config_hash": config_hash})
+    meta = {"config_hash": config_hash}
+    if content is not None:
+        meta["config"] = json.dumps(content, sort_keys=True)
+    return table.replace_schema_metadata(meta)
 
 
-def save_plan(out: OutputDir, units: list[Unit], config_hash: str) -> None:
+def save_plan(out: OutputDir, units: list[Unit], config_hash: str, content: dict | None = None) -> None:
     buf = io.BytesIO()
-    pq.write_table(plan_table(units, config_hash), buf)
+    pq.write_table(plan_table(units, config_hash, content), buf)
     out.write_bytes(PLAN_FILE, buf.getvalue())
 
 
@@ -122,11 +127,43 @@ def make_or_load_plan(config: BuildConfig, out: OutputDir) -> tuple[list[Unit], 
     if out.exists(PLAN_FILE) and not config.overwrite:
         units, planned_hash = load_plan(out)
         if planned_hash != config.config_hash:
-            raise UserError(
-                f"{out.url} was built with another configuration (hash {planned_hash}, now "
-                f"{config.config_hash}); pass --overwrite to rebuild it or choose another --out"
-            )
+            raise UserError(config_mismatch(out, planned_hash, config))
         return units, True
     units = cut_units(list_records(config), config.samples_per_shard)
-    save_plan(out, units, config.config_hash)
+    save_plan(out, units, config.config_hash, config.content_dict())
     return units, False
+
+
+def _planned_config(out: OutputDir) -> dict | None:
+    """The output-deciding config fields the plan was made with: from the plan's metadata, else
+    (plans written before it was kept there) from a finished build's manifest.json."""
+    meta = pq.read_schema(io.BytesIO(out.read_bytes(PLAN_FILE))).metadata or {}
+    if b"config" in meta:
+        return json.loads(meta[b"config"])
+    if out.exists("manifest.json"):
+        try:
+            return json.loads(out.read_bytes("manifest.json")).get("config")
+        except ValueError:
+            return None
+    return None
+
+
+def _short(value) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def config_mismatch(out: OutputDir, planned_hash: str, config: BuildConfig) -> str:
+    """The one-line refusal to resume with another config: the fields that changed and the ways out."""
+    before, now = _planned_config(out), config.content_dict()
+    changes = []
+    if before is not None:
+        unset = object()
+        for k in sorted((set(before) | set(now)) - RUNTIME_FIELDS):
+            old, new = before.get(k, unset), now.get(k, unset)
+            if old != new:
+                changes.append(f"{k}: {'(not set)' if old is unset else _short(old)} → "
+                               f"{'(not set)' if new is unset else _short(new)}")
+    what = ", ".join(changes) if changes else f"config hash {planned_hash} → {config.config_hash}"
+    return (f"{out.url} was built with another configuration ({what}); either run with the same settings "
+            f"to resume, or pass --overwrite to rebuild it (or choose another --out)")

@@ -23,6 +23,30 @@ from mmdata.storage import OutputDir, read_bytes
 from mmdata.transforms.image import to_rgb
 
 
+TIE_EXTRA = 8  # results fetched beyond k, to see whether the k-th score is tied with later ones
+TIE_TOL = 1e-6  # relative: scores this close are equal (the same vector scored in another batch)
+
+
+def _tie_tol(score: float) -> float:
+    return TIE_TOL * max(1.0, abs(score))
+
+
+def order_ties_by_id(pairs: list[tuple[float, int]]) -> list[tuple[float, int]]:
+    """(score, id) pairs best first, equal scores (within ``TIE_TOL``) by ascending id.
+
+    So results are stable: the top 2 are the first 2 of the top 5 even among identical copies.
+    """
+    pairs = sorted(pairs, key=lambda p: (-p[0], p[1]))
+    out: list[tuple[float, int]] = []
+    group: list[tuple[float, int]] = []
+    for pair in pairs:
+        if group and pair[0] < group[0][0] - _tie_tol(group[0][0]):
+            out += sorted(group, key=lambda p: p[1])
+            group = []
+        group.append(pair)
+    return out + sorted(group, key=lambda p: p[1])
+
+
 @dataclass
 class Hit:
     rank: int
@@ -97,8 +121,19 @@ class Retriever:
         if q.shape[1] != index.d:
             raise UserError(f"query has dimension {q.shape[1]}, the {modality} index {index.d}")
         q /= max(float(np.linalg.norm(q)), 1e-12)
-        scores, ids = search(index, q, k + (1 if exclude is not None else 0))
-        kept = [(float(score), int(id_)) for score, id_ in zip(scores[0], ids[0]) if id_ != -1 and id_ != exclude][:k]
+        need = k + (1 if exclude is not None else 0)
+        fetch = min(need + TIE_EXTRA, max(int(index.ntotal), 1))
+        while True:  # widen until the k-th score has no tie beyond what was fetched
+            scores, ids = search(index, q, fetch)
+            found = ids[0] != -1
+            if fetch >= index.ntotal or not found.all() or fetch <= need:
+                break
+            boundary = float(scores[0][need - 1])
+            if float(scores[0][-1]) < boundary - _tie_tol(boundary):
+                break
+            fetch = min(2 * fetch, int(index.ntotal))
+        pairs = [(float(score), int(id_)) for score, id_ in zip(scores[0], ids[0]) if id_ != -1 and id_ != exclude]
+        kept = order_ties_by_id(pairs)[:k]
         rows = self._ids.records(self._ids.locate(np.asarray([id_ for _, id_ in kept], dtype=np.int64)))
         return [Hit(rank, score, id_, r["key"], r["caption"], r["shard"], r["row"])
                 for rank, ((score, id_), r) in enumerate(zip(kept, rows), start=1)]

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mmdata.errors import UserError
 from mmdata.storage import OutputDir
 from mmdata.writers.tar import read_tar_samples
 
@@ -111,13 +112,27 @@ def _check_shard(out: OutputDir, tar_name: str, expected: int, modalities: list[
 
 def verify_output(url: str) -> list[str]:
     """Every inconsistency found in the output at ``url`` (an empty list means it is sound)."""
+    return verify_report(url)[0]
+
+
+def verify_report(url: str) -> tuple[list[str], dict]:
+    """(every inconsistency found, what was checked: shards, samples, records, embedding files).
+
+    Raises UserError when ``url`` is not a folder, or a folder with nothing of a build in it
+    (a bad path, not a damaged output).
+    """
     out = OutputDir(url)
     problems: list[str] = []
+    checked = {"shards": 0, "samples": 0, "inputs": 0, "filtered": 0, "failed": 0, "embedding_files": 0}
+    if not out.exists(""):
+        raise UserError(f"{url}: no such folder")
+    if not any(out.exists(rel) for rel in ("shards", "manifest.json", "plan.parquet")):
+        raise UserError(f"{url}: not an mmdata output (no shards/, manifest.json or plan.parquet)")
     if not out.exists("shards/sizes.json"):
-        return [f"{url}: no shards/sizes.json (build not finalized?)"]
+        return [f"{url}: no shards/sizes.json (build not finalized?)"], checked
     sizes = _read_json(out, "shards/sizes.json", problems)
     if not isinstance(sizes, dict):
-        return problems or [f"{url}: shards/sizes.json is not a mapping"]
+        return problems or [f"{url}: shards/sizes.json is not a mapping"], checked
     manifest = _read_json(out, "manifest.json", problems) if out.exists("manifest.json") else {}
     manifest = manifest or {}
     modalities = list((manifest.get("embeddings") or {}).get("modalities") or [])
@@ -137,4 +152,7 @@ def verify_output(url: str) -> list[str]:
         problems.append(f"manifest.json counts {manifest['counts']} differ from the shards' {totals}")
     if totals["inputs"] != totals["written"] + totals["filtered"] + totals["failed"]:
         problems.append(f"counts do not reconcile: {totals}")
-    return problems
+    checked.update(shards=len(sizes), samples=totals["written"], inputs=totals["inputs"],
+                   filtered=totals["filtered"], failed=totals["failed"],
+                   embedding_files=len(sizes) * len(modalities), modalities=modalities)
+    return problems, checked

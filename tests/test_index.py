@@ -140,8 +140,10 @@ def test_tight_budget_builds_a_compressed_index_with_measured_recall(corpus, tmp
     assert infos["n"] == len(x) and infos["dim"] == 64 and infos["train_vectors"] == 10_000
     assert infos["size_bytes"] <= BUDGET_FRACTION * 0.002 * GiB
     assert 0.9 * infos["estimated_bytes"] <= infos["size_bytes"] <= infos["estimated_bytes"]
-    # the target is reached on the tuning queries; the reported figure comes from the held-out ones
-    assert infos["recall_target_reached"] and infos["recall_at_10"] >= 0.9
+    # the target is reached on the tuning queries; the reported figure comes from the held-out ones,
+    # and recall_target_reached says whether that reported figure reaches it
+    assert infos["tune_recall_target_reached"] and infos["recall_at_10"] >= 0.9
+    assert infos["recall_target_reached"] == (infos["recall_at_10"] >= 0.92)
 
     index = load_index(out, infos)
     assert faiss.extract_index_ivf(index).nprobe == infos["search_params"]["nprobe"]

@@ -36,12 +36,25 @@ def _run_build(config: Optional[Path], flags: dict) -> None:
 app.command(name="build", cls=PanelCommand)(build_command(_run_build, "Build WebDataset shards (and their tables) from a corpus."))
 
 
+def _counts_line(records: int, c: dict) -> str:
+    rows = f"{records} records" if records == c["inputs"] else f"{records} records, {c['inputs']} rows"
+    return f"{rows}: {c['written']} written, {c['filtered']} filtered, {c['failed']} failed"
+
+
 def print_summary(manifest: dict, out: str) -> None:
     c = manifest["counts"]
     records = manifest.get("records", c["inputs"])  # rows outnumber records with segments and views
-    rows = f"{records} records" if records == c["inputs"] else f"{records} records, {c['inputs']} rows"
-    typer.echo(f"{rows}: {c['written']} written, {c['filtered']} filtered, {c['failed']} failed "
-               f"in {manifest['timings']['wall_seconds']:.1f} s ({manifest['timings']['samples_per_second']:.1f} samples/s)")
+    timing = (f"in {manifest['timings']['wall_seconds']:.1f} s "
+              f"({manifest['timings']['samples_per_second']:.1f} samples/s)")
+    run = manifest.get("run") or {}
+    if run.get("units_skipped"):  # a resumed build: this run's work, then the whole output's
+        from mmdata.build import resume_line
+
+        typer.echo(f"resumed: {resume_line(run['units_skipped'], manifest['units'])}")
+        typer.echo(f"this run: {_counts_line(run['records'], run['counts'])} {timing}")
+        typer.echo(f"in total: {_counts_line(records, c)}")
+    else:
+        typer.echo(f"{_counts_line(records, c)} {timing}")
     for status in ("filtered", "failed"):
         for reason, n in sorted(manifest["reasons"][status].items(), key=lambda kv: -kv[1]):
             typer.echo(f"  {status:8s} {n:6d}  {reason}")
@@ -74,14 +87,21 @@ def inspect(shard: str = typer.Argument(..., help="a .tar shard (any fsspec URL)
 @app.command()
 def verify(out: str = typer.Argument(..., help="a build's output folder")) -> None:
     """Re-read every shard; check counts against sizes.json and the tables. Exit 1 on any mismatch."""
-    from mmdata.verify import verify_output
+    from mmdata.verify import verify_report
 
-    problems = verify_output(out)
+    try:
+        problems, checked = verify_report(out)
+    except UserError as err:
+        fail(str(err))
     for p in problems:
         typer.echo(f"MISMATCH {p}", err=True)
     if problems:
         raise typer.Exit(1)
-    typer.echo(f"{out}: ok")
+    c = checked
+    embeddings = (f", {c['embedding_files']} embedding files ({', '.join(c['modalities'])})"
+                  if c.get("modalities") else "")
+    typer.echo(f"{out}: ok: {c['shards']} shards, {c['samples']} samples; {c['inputs']} records = "
+               f"{c['samples']} written + {c['filtered']} filtered + {c['failed']} failed{embeddings}")
 
 
 @app.command()
@@ -162,7 +182,21 @@ def search(
 
 
 def main() -> None:
-    app()
+    """Run the CLI; its own usage errors (unknown option, bad value) print one ``error:`` line too."""
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:
+        typer.echo("error: aborted", err=True)
+        sys.exit(1)
+    except typer.TyperException as exc:  # click's ClickException and UsageError
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `mmdata`: the help screen
+            exc.show()
+            sys.exit(exc.exit_code)
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None and exc.exit_code == 2 else ""
+        typer.echo(f"error: {exc.format_message()}{hint}", err=True)
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
