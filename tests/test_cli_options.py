@@ -13,8 +13,8 @@ from mmdata.config import BuildConfig
 runner = CliRunner()
 
 
-def help_at(columns: int) -> str:
-    res = runner.invoke(app, ["build", "--help"], env={"COLUMNS": str(columns)}, terminal_width=columns)
+def help_at(columns: int, flag: str = "--help-all") -> str:
+    res = runner.invoke(app, ["build", flag], env={"COLUMNS": str(columns)}, terminal_width=columns)
     assert res.exit_code == 0, res.output
     return res.output
 
@@ -35,9 +35,23 @@ def test_every_config_field_is_an_option_in_one_panel():
 def test_no_default_is_written_twice():
     """Every option defaults to 'not given'; the model's default is the one used and shown."""
     for param in build_parameters():
+        if param.name == "help_all":
+            continue
         assert param.default.default is None, param.name
     field = BuildConfig.model_fields["samples_per_shard"]
     assert f"(default: {field.default})" in help_at(200)
+
+
+def test_basic_help_is_short_and_names_the_other_panels():
+    from mmdata.cli.build_options import BASIC_PANELS
+
+    text = help_at(80, "--help")
+    assert len(text.splitlines()) < len(help_at(80).splitlines()) * 0.7
+    for panel in PANELS:
+        assert (f"{panel}:" in text) == (panel in BASIC_PANELS), panel
+        if panel not in BASIC_PANELS:
+            assert f"{panel} ({len(PANELS[panel])})" in text
+    assert "--help-all" in text and max(len(line) for line in text.splitlines()) <= 80
 
 
 def test_help_fits_80_columns_with_whole_option_names():

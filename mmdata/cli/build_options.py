@@ -12,7 +12,6 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, List, Literal, Optional
 
-import click
 import typer
 from typer.core import TyperCommand
 from pydantic import BaseModel
@@ -121,6 +120,17 @@ def panel_of(name: str) -> Optional[str]:
     return None
 
 
+# Shown by `mmdata build --help`; the other panels by `--help-all`.
+BASIC_PANELS = ("Input and output", "Images", "Text", "Embeddings and index")
+
+
+def _show_all_help(ctx: typer.Context, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        ctx.meta["mmdata_help_all"] = True
+        typer.echo(ctx.get_help(), color=ctx.color)
+        raise typer.Exit()
+
+
 def build_parameters() -> list[inspect.Parameter]:
     """The ``mmdata build`` parameters as a function signature that typer reads."""
     params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
@@ -136,6 +146,8 @@ def build_parameters() -> list[inspect.Parameter]:
                               show_default=False)
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[cli_type],
                                         default=option))
+    params.append(inspect.Parameter("help_all", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+        False, "--help-all", is_eager=True, callback=_show_all_help, help="Show every option, in all panels, and exit.")))
     return params
 
 
@@ -144,6 +156,7 @@ def build_command(run: Callable[[Optional[Path], dict[str, Any]], None], doc: st
     with only the flags given on the command line."""
     def command(**kwargs: Any) -> None:
         config = kwargs.pop("config", None)
+        kwargs.pop("help_all", None)
         run(config, {k: v for k, v in kwargs.items() if v is not None and v != []})
 
     command.__signature__ = inspect.Signature(build_parameters())  # type: ignore[attr-defined]
@@ -154,20 +167,27 @@ def build_command(run: Callable[[Optional[Path], dict[str, Any]], None], doc: st
 
 class PanelCommand(TyperCommand):
     """Plain-text help, options grouped in the panels above: it wraps at the terminal's width (80 columns
-    included) and never cuts an option's name, unlike a table squeezed into the width."""
+    included) and never cuts an option's name, unlike a table squeezed into the width. ``--help`` lists
+    the basic panels and names the others; ``--help-all`` lists every option."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["rich_markup_mode"] = None
         super().__init__(*args, **kwargs)
 
-    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+    def format_options(self, ctx: Any, formatter: Any) -> None:
         groups: dict[str, list[tuple[str, str]]] = {panel: [] for panel in [*PANELS, "Other", "Help"]}
         for param in self.get_params(ctx):
             record = param.get_help_record(ctx)
             if record is not None:
-                panel = getattr(param, "rich_help_panel", None) or ("Help" if param.name == "help" else "Other")
+                panel = getattr(param, "rich_help_panel", None) or ("Help" if param.name in ("help", "help_all") else "Other")
                 groups.setdefault(panel, []).append(record)
+        show_all = ctx.meta.get("mmdata_help_all", False)
+        hidden = [(panel, len(rows)) for panel, rows in groups.items()
+                  if rows and not show_all and panel not in (*BASIC_PANELS, "Help")]
         for panel, rows in groups.items():
-            if rows:
+            if rows and (show_all or panel in (*BASIC_PANELS, "Help")):
                 with formatter.section(panel):
                     formatter.write_dl(rows, col_max=28)
+        if hidden:
+            with formatter.section("More options (mmdata build --help-all)"):
+                formatter.write_text(", ".join(f"{panel} ({n})" for panel, n in hidden))
