@@ -163,14 +163,14 @@ def in_key_order(samples: list[Sample]) -> list[Sample]:
     views = [s for s in samples if is_view(s)]
     samples = sorted((s for s in samples if not is_view(s)), key=lambda s: s.row["key"])
     seen = Counter(s.row["key"] for s in samples)
-    for s in samples:
-        if seen[s.row["key"]] > 1 and s.row.get("parent_key"):
+    for s in samples:  # a key another record of the plan holds, in this unit or any other
+        if s.row.get("parent_key") and (seen[s.row["key"]] > 1 or s.row["key"] in s.record.reserved):
             seen[s.row["key"]] -= 1
             key = sanitize_key(f"{s.row['key']}_{hashlib.blake2b(s.row['parent_key'].encode(), digest_size=4).hexdigest()}")
             s.row.update(key=key, id=key_to_id(key))
             if "json" in s.members:
                 write_json(s)
-    rekey_views(views, {s.row["key"] for s in samples})
+    rekey_views(views, {s.row["key"] for s in samples} | {k for s in samples for k in s.record.reserved})
     return sorted(samples + views, key=lambda s: s.row["key"])
 
 

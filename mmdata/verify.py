@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmdata.storage import OutputDir
+from mmdata.unique_ids import duplicate_ids
 from mmdata.writers.tar import read_tar_samples
 
 STATUSES = ("written", "filtered", "failed")
@@ -132,6 +133,11 @@ def verify_output(url: str) -> list[str]:
     totals: Counter = Counter({k: 0 for k in ("inputs", *STATUSES)})
     for tar_name, expected in sorted(sizes.items()):
         _check_shard(out, tar_name, expected, modalities, plan, totals, problems)
+    shards = [t[: -len(".tar")] for t in sorted(sizes) if out.exists(f"shards/{t[: -len('.tar')]}.parquet")]
+    try:
+        problems.extend(duplicate_ids(out, shards))
+    except (OSError, pa.ArrowException, KeyError) as exc:
+        problems.append(f"ids could not be checked for duplicates ({exc})")
     totals = dict(totals)
     if manifest.get("counts") and manifest["counts"] != totals:
         problems.append(f"manifest.json counts {manifest['counts']} differ from the shards' {totals}")

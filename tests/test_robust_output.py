@@ -1,13 +1,30 @@
 """Robust outputs (issue 11): --overwrite deletes only mmdata's files, ids are unique across shards,
 source files over --max-source-bytes are never read, a resume never mixes plans."""
 import glob
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
 from conftest import run_build
+from PIL import Image
 
+from mmdata.config import load_config
+from mmdata.errors import UserError
+from mmdata.finalize import finalize
+from mmdata.plan import load_plan
+from mmdata.schema import SHARD_SCHEMA
+from mmdata.storage import OutputDir
 from mmdata.verify import verify_output
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLE = os.path.join(ROOT, "pipelines", "configs", "augment_example.yaml")
 
 MMDATA = [sys.executable, "-m", "mmdata"]
 
@@ -55,3 +72,71 @@ def test_overwrite_refuses_a_folder_that_is_not_an_mmdata_output(corpus, tmp_pat
     os.makedirs(empty / "shards")  # empty folders are not files: building there is fine
     res = cli("build", "-i", corpus[0], "-o", str(empty), "--no-progress", "--overwrite")
     assert res.returncode == 0, res.stderr
+
+
+def _parquet_rows(path):
+    return pq.read_table(path).to_pylist()
+
+
+def test_verify_and_finalize_catch_an_id_written_in_two_shards(corpus, tmp_path):
+    out = tmp_path / "dup"
+    run_build(corpus[0], out, samples_per_shard=8)
+    assert verify_output(str(out)) == []
+    first, second = sorted(glob.glob(f"{out}/shards/*.parquet"))[:2]
+    donor = next(r for r in _parquet_rows(first) if r["status"] == "written")
+    rows = _parquet_rows(second)
+    victim = next(r for r in rows if r["status"] == "written")
+    victim["id"] = donor["id"]  # the same sample id in two shards
+    pq.write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), second)
+    problems = verify_output(str(out))
+    assert len(problems) == 1, problems
+    assert all(f in problems[0] for f in (str(donor["id"]), donor["key"], victim["key"], "more than once")), problems
+    res = cli("verify", str(out))
+    assert res.returncode == 1 and donor["key"] in res.stdout + res.stderr
+    with pytest.raises(UserError, match="more than once"):  # finalize of the same units refuses it
+        finalize(load_config(input=corpus[0], out=str(out), samples_per_shard=8, progress=False), OutputDir(str(out)),
+                 load_plan(OutputDir(str(out)))[0], 1.0)
+
+
+def test_finalize_count_invariant_is_a_real_check(corpus, tmp_path):
+    out = tmp_path / "counts"
+    run_build(corpus[0], out, samples_per_shard=8)
+    stats_file = Path(min(glob.glob(f"{out}/shards/*_stats.json")))
+    stats = json.loads(stats_file.read_text())
+    stats["counts"]["inputs"] += 1  # a unit whose ledger does not add up
+    stats_file.write_text(json.dumps(stats))
+    with pytest.raises(UserError, match="do not reconcile"):
+        finalize(load_config(input=corpus[0], out=str(out), samples_per_shard=8, progress=False), OutputDir(str(out)),
+                 load_plan(OutputDir(str(out)))[0], 1.0)
+
+
+def tone(seconds, sr=16000):
+    t = np.arange(int(sr * seconds)) / sr
+    return (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+
+
+@pytest.mark.parametrize("views", [0, 1])
+def test_derived_keys_never_meet_a_record_key_in_another_shard(tmp_path, views):
+    """cat.wav + cat.srt make segments cat_s0000, cat_s0001; a real cat_s0001.jpg (and cat_s0000_v01.jpg)
+    fall in other units with --samples-per-shard 1: every written key and id is still unique."""
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    sf.write(corpus / "cat.wav", tone(2.0), 16000, subtype="PCM_16")
+    (corpus / "cat.srt").write_text("1\n00:00:00,100 --> 00:00:00,900\nmeow\n\n2\n00:00:01,000 --> 00:00:01,900\npurr\n")
+    for name in ("cat_s0001", "cat_s0000_v01", "cat_v01"):
+        Image.new("RGB", (64, 48), (200, 10, 10)).save(corpus / f"{name}.jpg")
+        (corpus / f"{name}.txt").write_text(f"a photo called {name}")
+    kw = {"require": ["text"], **({"augment": EXAMPLE, "views": 1} if views else {})}
+    out = tmp_path / "out"
+    manifest = run_build(corpus, out, samples_per_shard=1, workers=1, **kw)
+    rows = [r for f in sorted(glob.glob(f"{out}/shards/*.parquet")) for r in _parquet_rows(f)]
+    written = [r for r in rows if r["status"] == "written"]
+    assert len({r["key"] for r in written}) == len({r["id"] for r in written}) == len(written) == manifest["counts"]["written"]
+    assert {"cat_s0001", "cat_s0000_v01", "cat_v01"} <= {r["key"] for r in written}  # real records keep their keys
+    segments = [r for r in written if r["parent_key"] == "cat" and r["view_of"] is None]
+    assert len(segments) == 2 and "cat_s0000" in {r["key"] for r in segments}
+    assert verify_output(str(out)) == []
+    again = tmp_path / "again"  # stable across runs
+    run_build(corpus, again, samples_per_shard=1, workers=1, **kw)
+    assert sorted(r["key"] for f in glob.glob(f"{again}/shards/*.parquet") for r in _parquet_rows(f)) == \
+        sorted(r["key"] for r in rows)
