@@ -140,3 +140,29 @@ def test_derived_keys_never_meet_a_record_key_in_another_shard(tmp_path, views):
     run_build(corpus, again, samples_per_shard=1, workers=1, **kw)
     assert sorted(r["key"] for f in glob.glob(f"{again}/shards/*.parquet") for r in _parquet_rows(f)) == \
         sorted(r["key"] for r in rows)
+
+
+def test_a_source_over_max_source_bytes_fails_without_being_read(tmp_path):
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    for i, side in enumerate((32, 400)):  # the second photo's file is far bigger
+        Image.effect_noise((side, side), 64).convert("RGB").save(corpus / f"p{i}.png")
+        (corpus / f"p{i}.txt").write_text(f"photo {i}")
+    (corpus / "p2.jpg").write_bytes(b"\xff\xd8" + b"\0" * 50_000)  # would fail decode:image if it were read
+    (corpus / "p2.txt").write_text("photo 2")
+    limit = 20_000
+    assert (corpus / "p0.png").stat().st_size < limit < (corpus / "p1.png").stat().st_size
+    out = tmp_path / "out"
+    res = cli("build", "-i", str(corpus), "-o", str(out), "--max-source-bytes", str(limit), "--no-progress")
+    assert res.returncode == 0, res.stderr
+    rows = {r["key"]: r for f in glob.glob(f"{out}/shards/*.parquet") for r in _parquet_rows(f)}
+    assert rows["p0"]["status"] == "written"
+    for key in ("p1", "p2"):
+        assert (rows[key]["status"], rows[key]["reason"]) == ("failed", "too_large:source"), rows[key]
+        assert rows[key]["image_sha256"] is None  # the image was never read: only its caption's bytes count
+        assert rows[key]["source_bytes"] == (corpus / f"{key}.txt").stat().st_size
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["reasons"]["failed"] == {"too_large:source": 2} and manifest["config"]["max_source_bytes"] == limit
+    assert verify_output(str(out)) == []
+    res = cli("build", "-i", str(corpus), "-o", str(tmp_path / "bad"), "--max-source-bytes", "0", "--no-progress")
+    one_line_error(res, "max_source_bytes")
