@@ -166,3 +166,42 @@ def test_a_source_over_max_source_bytes_fails_without_being_read(tmp_path):
     assert verify_output(str(out)) == []
     res = cli("build", "-i", str(corpus), "-o", str(tmp_path / "bad"), "--max-source-bytes", "0", "--no-progress")
     one_line_error(res, "max_source_bytes")
+
+
+def test_index_temporaries_are_unique_and_leave_nothing_behind(tmp_path):
+    import faiss
+
+    from mmdata.index.backend import write_index_atomic
+
+    path = str(tmp_path / "index" / "image.index")
+    os.makedirs(os.path.dirname(path))
+    stale = f"{path}.tmp-{os.getpid()}"  # a killed run's leftover under this pid (pids repeat in containers)
+    os.makedirs(stale)
+    index = faiss.IndexFlatIP(8)
+    index.add(np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32))
+    size = write_index_atomic(faiss, index, path)
+    assert size == os.path.getsize(path) and faiss.read_index(path).ntotal == 5
+    assert os.path.isdir(stale) and sorted(os.listdir(os.path.dirname(path))) == sorted(
+        [os.path.basename(path), os.path.basename(stale)])
+
+
+class _Payload:
+    """An arbitrary object a checkpoint must not be able to smuggle in."""
+
+
+def test_torch_load_refuses_pickled_objects_by_default(tmp_path):
+    """setup.py requires torch>=2.6: torch.load defaults to weights_only, so --pretrained PATH cannot run code."""
+    import pickle
+
+    import torch
+    from packaging.requirements import Requirement
+
+    reqs = Path(ROOT, "setup.py").read_text()
+    torch_req = next(Requirement(line.split('"')[1]) for line in reqs.splitlines() if line.strip().startswith('"torch>='))
+    assert "2.5.1" not in torch_req.specifier and "2.6.0" in torch_req.specifier
+    assert torch.__version__.split("+")[0] in torch_req.specifier
+    ckpt = tmp_path / "evil.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "extra": _Payload()}, ckpt)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(ckpt)
+    assert torch.equal(torch.load(ckpt, weights_only=False)["state_dict"]["w"], torch.zeros(2))
