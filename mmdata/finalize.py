@@ -16,7 +16,7 @@ from mmdata.errors import UserError
 from mmdata.records import Unit
 from mmdata.storage import OutputDir
 from mmdata.unique_ids import duplicate_ids
-from mmdata.unit import read_committed
+from mmdata.unit import plan_digest, read_committed
 
 VERSIONED = ("pillow", "numpy", "pyarrow", "webdataset", "open_clip_torch", "torch", "faiss-cpu", "faiss-gpu",
              "ftfy", "fsspec", "soundfile", "soxr", "librosa", "apache-beam", "dask", "distributed")
@@ -94,7 +94,7 @@ def finalize(config: BuildConfig, out: OutputDir, units: list[Unit], wall_second
     """
     all_stats = []
     for unit in units:
-        stats = read_committed(out, unit.name, config.config_hash, config.embedded_modalities)
+        stats = read_committed(out, unit.name, config.config_hash, config.embedded_modalities, plan_digest(unit))
         if stats is None:
             raise UserError(f"unit {unit.name} is not committed; run the build again to finish it")
         if stats["counts"].get("records") != len(unit.records):

@@ -205,3 +205,35 @@ def test_torch_load_refuses_pickled_objects_by_default(tmp_path):
     with pytest.raises(pickle.UnpicklingError):
         torch.load(ckpt)
     assert torch.equal(torch.load(ckpt, weights_only=False)["state_dict"]["w"], torch.zeros(2))
+
+
+def _photo(corpus, key):
+    Image.new("RGB", (40, 30), (len(key) * 20 % 256, 90, 30)).save(corpus / f"{key}.jpg")
+    (corpus / f"{key}.txt").write_text(f"photo {key}")
+
+
+def test_a_resume_never_mixes_plans(tmp_path):
+    """plan.parquet deleted, three records added, re-run: committed units of the old plan are rebuilt,
+    every record is written exactly once."""
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    for i in range(9):  # three full units: on main the re-run skipped them and wrote m6..m8 twice
+        _photo(corpus, f"m{i}")
+    out = tmp_path / "out"
+    args = ("build", "-i", str(corpus), "-o", str(out), "--samples-per-shard", "3", "--no-progress", "--workers", "1")
+    assert cli(*args).returncode == 0
+    (out / "plan.parquet").unlink()
+    (out / "manifest.json").unlink()
+    for key in ("m2a", "m2b", "m2c"):  # sorted among the old keys: every later unit shifts
+        _photo(corpus, key)
+    res = cli(*args)
+    assert res.returncode == 0, res.stderr
+    keys = [r["key"] for f in sorted(glob.glob(f"{out}/shards/*.parquet")) for r in _parquet_rows(f)
+            if r["status"] == "written"]
+    assert sorted(keys) == sorted([f"m{i}" for i in range(9)] + ["m2a", "m2b", "m2c"])
+    assert verify_output(str(out)) == []
+    assert json.loads((out / "manifest.json").read_text())["counts"]["written"] == 12
+    before = {f: os.path.getmtime(f) for f in glob.glob(f"{out}/shards/*.tar")}
+    assert cli(*args).returncode == 0  # an unchanged plan resumes: nothing is rebuilt
+    assert {f: os.path.getmtime(f) for f in glob.glob(f"{out}/shards/*.tar")} == before
+    assert len(json.loads((out / "shards" / "00000_stats.json").read_text())["plan_digest"]) == 32
