@@ -14,8 +14,8 @@ CORE = [
     "charset-normalizer>=3.3,<4",
     "webdataset>=0.2.86",
     "open_clip_torch>=2.24",
-    "torch>=2.1",
-    "torchvision>=0.16",
+    "torch>=2.6",  # torch.load defaults to weights_only=True: --pretrained PATH loads user checkpoints
+    "torchvision>=0.21",
 ]
 EXTRAS = {
     "cpu": ["faiss-cpu>=1.8"],

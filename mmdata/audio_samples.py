@@ -67,7 +67,7 @@ class AudioStage:
         record, row = sample.record, sample.row
         url = record.sources.get("transcript")
         if url is not None:
-            data = read_source(url, "transcript", self.config.max_sidecar_bytes)
+            data = read_source(url, "transcript", self.config.max_sidecar_bytes, self.config.max_source_bytes)
             row["source_bytes"] += len(data)
         elif json_data is not None and _is_transcript_json(json_data):
             url, data = record.sources["json"], json_data
@@ -90,7 +90,7 @@ class AudioStage:
         """Read and decode the record's audio; source facts go into the row."""
         url, row = sample.record.sources["audio"], sample.row
         t0 = time.perf_counter()
-        data = read_source(url, "audio")
+        data = read_source(url, "audio", max_source_bytes=self.config.max_source_bytes)
         timer.add("read", t0)
         row["source_bytes"] += len(data)
         row["audio_sha256"] = hashlib.sha256(data).hexdigest()

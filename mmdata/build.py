@@ -11,6 +11,7 @@ from mmdata.embedding import check_models
 from mmdata.engines.base import get_engine
 from mmdata.finalize import finalize
 from mmdata.indexing import check_index_options
+from mmdata.layout import clear_output
 from mmdata.plan import check_input, make_or_load_plan
 from mmdata.storage import OutputDir
 from mmdata.unit import read_committed
@@ -28,11 +29,9 @@ def build(config: BuildConfig) -> dict:
     check_index_options(config)
     check_models(config)  # before planning: a model that cannot be loaded fails in one line, now
     out = OutputDir(config.out)
-    out.ensure_writable()
     if config.overwrite:
-        for folder in ("shards", "embeddings", "index"):
-            out.remove(folder)
-        out.makedirs("shards")
+        clear_output(out)  # only mmdata's files; a folder that is not an mmdata output is refused
+    out.ensure_writable()
     units, resumed = make_or_load_plan(config, out)
     skipped: set[str] = set()
     if resumed:  # committed units are not handed to the engine: the bar and counts show this run's work

@@ -59,6 +59,8 @@ class BuildConfig(BaseModel):
     min_image_size: int = Field(0, ge=0, description="filter images whose smaller side is below this")
     max_aspect_ratio: Optional[float] = Field(None, ge=1.0, description="filter images more elongated than this")
     max_pixels: int = Field(100_000_000, ge=1, description="decompression-bomb guard, checked on the header")
+    max_source_bytes: int = Field(256 * 2**20, ge=1, description="source files bigger than this (bytes, per file; "
+                                  "checked on the file's size before reading) fail as too_large:source")
     # text
     min_caption_chars: int = Field(1, ge=0, description="filter captions shorter than this")
     max_caption_chars: int = Field(4096, ge=1, description="longer captions are truncated (recorded)")

@@ -15,7 +15,8 @@ from mmdata.config import BuildConfig
 from mmdata.errors import UserError
 from mmdata.records import Unit
 from mmdata.storage import OutputDir
-from mmdata.unit import read_committed
+from mmdata.unique_ids import duplicate_ids
+from mmdata.unit import plan_digest, read_committed
 
 VERSIONED = ("pillow", "numpy", "pyarrow", "webdataset", "open_clip_torch", "torch", "faiss-cpu", "faiss-gpu",
              "ftfy", "fsspec", "soundfile", "soxr", "librosa", "apache-beam", "dask", "distributed")
@@ -96,18 +97,23 @@ def finalize(config: BuildConfig, out: OutputDir, units: list[Unit], wall_second
     """
     all_stats = []
     for unit in units:
-        stats = read_committed(out, unit.name, config.config_hash, config.embedded_modalities)
+        stats = read_committed(out, unit.name, config.config_hash, config.embedded_modalities, plan_digest(unit))
         if stats is None:
             raise UserError(f"unit {unit.name} is not committed; run the build again to finish it")
         if stats["counts"].get("records") != len(unit.records):
             raise UserError(f"unit {unit.name} accounts for {stats['counts'].get('records')} of {len(unit.records)} records")
         all_stats.append(stats)
+    duplicates = duplicate_ids(out, [unit.name for unit in units], limit=1)
+    if duplicates:
+        raise UserError(f"{duplicates[0]}; the output is not usable (run mmdata verify {out.url} for all of them)")
     sizes = {s["shard"]: s["counts"]["written"] for s in all_stats}
     out.write_bytes("shards/sizes.json", json.dumps(sizes, indent=1, sort_keys=True).encode())
     merged = merge_stats(all_stats)
     this_run = merge_stats([s for u, s in zip(units, all_stats) if u.name not in skipped_units])
     c = merged["counts"]
-    assert c["inputs"] == c["written"] + c["filtered"] + c["failed"], c
+    if c["inputs"] != c["written"] + c["filtered"] + c["failed"]:
+        raise UserError(f"the units' counts do not reconcile (inputs {c['inputs']} != written {c['written']} + "
+                        f"filtered {c['filtered']} + failed {c['failed']}); run mmdata verify {out.url}")
     manifest = {
         "mmdata_version": __version__,
         "config": config.model_dump(mode="json"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from collections import Counter
 
 import fsspec
@@ -66,7 +67,34 @@ def list_records(config: BuildConfig) -> list[Record]:
     if not records:
         raise UserError(f"input {config.input} holds no records (empty folder or manifest)")
     records.sort(key=lambda r: r.key)
+    reserve_derived_keys(records)
     return records
+
+
+_VIEW = re.compile(r"(.+)_v\d{2,}")
+_SEGMENT = re.compile(r"(.+)_s\d{4,}(?:_p\d{2,})?")
+
+
+def reserve_derived_keys(records: list[Record]) -> None:
+    """Give each record the planned keys that its segments or views could take (a file literally
+    named ``cat_s0001.jpg`` beside ``cat.wav`` + ``cat.srt``, or ``cat_v01`` beside ``cat``), wherever
+    in the corpus they are: a derived key in ``record.reserved`` gets a suffix hashed from its
+    parent's key (``unit.in_key_order``), so no key is written twice across shards. Depends only
+    on the set of keys: stable across runs."""
+    by_key = {r.key: r for r in records}
+    for key in by_key:
+        parents = []
+        rest = key
+        m = _VIEW.fullmatch(key)
+        if m:
+            parents.append(m[1])
+            rest = m[1]
+        m = _SEGMENT.fullmatch(rest)
+        if m:
+            parents.append(m[1])
+        for parent in parents:
+            if parent in by_key and parent != key:
+                by_key[parent].reserved.append(key)
 
 
 def cut_units(records: list[Record], samples_per_shard: int) -> list[Unit]:
@@ -86,6 +114,7 @@ def plan_table(units: list[Unit], config_hash: str, content: dict | None = None)
             "meta": json.dumps(r.meta, sort_keys=True, default=str),
             "problem": r.problem,
             "warnings": r.warnings,
+            "reserved": r.reserved or None,
         }
         for u in units
         for r in u.records
@@ -117,6 +146,7 @@ def load_plan(out: OutputDir) -> tuple[list[Unit], str]:
             meta=json.loads(row["meta"]),
             problem=row["problem"],
             warnings=list(row["warnings"] or []),
+            reserved=list(row.get("reserved") or []),
         )
         by_unit.setdefault(row["unit"], []).append(rec)
     return [Unit(i, by_unit[i]) for i in sorted(by_unit)], config_hash

@@ -21,7 +21,7 @@ from PIL import Image
 from mmdata.config import BuildConfig
 from mmdata.errors import SampleError, SampleFailed, SampleFiltered, UserError
 from mmdata.records import Record
-from mmdata.storage import read_bytes
+from mmdata.storage import TooLarge, read_bytes
 from mmdata.transforms.image import ImageOptions, ImageTransform
 from mmdata.transforms.text import clean_caption, decode_text
 
@@ -65,11 +65,15 @@ def image_options(config: BuildConfig) -> ImageOptions:
     )
 
 
-def read_source(url: str, modality: str, max_bytes: Optional[int] = None) -> bytes:
-    """The source's bytes; a file over ``max_bytes`` (sidecars, captions, transcripts) is
+def read_source(url: str, modality: str, max_bytes: Optional[int] = None,
+                max_source_bytes: Optional[int] = None) -> bytes:
+    """The source's bytes. A file whose size (stat, before reading) is over ``max_source_bytes``
+    is ``too_large:source``; a sidecar over ``max_bytes`` (captions, .json, transcripts) is
     ``too_large:<modality>``, found after reading at most ``max_bytes + 1`` bytes of it."""
     try:
-        data = read_bytes(url, max_bytes)
+        data = read_bytes(url, max_bytes, max_source_bytes)
+    except TooLarge as exc:
+        raise SampleFailed("too_large:source", str(exc)) from None
     except (OSError, ValueError) as exc:
         raise SampleFailed(f"read:{modality}", f"{url}: {exc}") from None
     if max_bytes is not None and len(data) > max_bytes:
@@ -231,7 +235,8 @@ class RecordProcessor:
         record = sample.record
         start = time.perf_counter()
         if "text" in record.sources:
-            data = read_source(record.sources["text"], "text", self.config.max_sidecar_bytes)
+            data = read_source(record.sources["text"], "text", self.config.max_sidecar_bytes,
+                               self.config.max_source_bytes)
             sample.row["source_bytes"] += len(data)
             sample.row["text_sha256"] = hashlib.sha256(data).hexdigest()
             text, warnings = decode_text(data)
@@ -260,7 +265,7 @@ class RecordProcessor:
         if url is None:
             return
         start = time.perf_counter()
-        data = read_source(url, "image")
+        data = read_source(url, "image", max_source_bytes=self.config.max_source_bytes)
         timer.add("read", start)
         sample.row["source_bytes"] += len(data)
         sample.row["image_sha256"] = hashlib.sha256(data).hexdigest()
@@ -286,7 +291,8 @@ class RecordProcessor:
     def _read_json(self, sample: Sample) -> Optional[bytes]:
         if "json" not in sample.record.sources:
             return None
-        data = read_source(sample.record.sources["json"], "json", self.config.max_sidecar_bytes)
+        data = read_source(sample.record.sources["json"], "json", self.config.max_sidecar_bytes,
+                           self.config.max_source_bytes)
         sample.row["source_bytes"] += len(data)
         return data
 

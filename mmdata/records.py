@@ -62,6 +62,8 @@ class Record:
     meta: dict = field(default_factory=dict)
     problem: Optional[str] = None
     warnings: list[str] = field(default_factory=list)
+    # planned keys of other records that look derived from this one (``plan.reserve_derived_keys``)
+    reserved: list[str] = field(default_factory=list)
 
 
 @dataclass

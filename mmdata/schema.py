@@ -14,6 +14,7 @@ PLAN_SCHEMA = pa.schema(
         pa.field("meta", pa.string(), nullable=False),
         pa.field("problem", pa.string()),
         pa.field("warnings", pa.list_(pa.string()), nullable=False),
+        pa.field("reserved", pa.list_(pa.string())),
     ]
 )
 

@@ -19,16 +19,39 @@ from fsspec.implementations.local import LocalFileSystem
 from mmdata.errors import UserError
 
 
-def read_bytes(url: str, limit: int | None = None) -> bytes:
+class TooLarge(ValueError):
+    """A source file bigger than ``max_size`` (found on its size, before reading it)."""
+
+    def __init__(self, url: str, size: int, limit: int):
+        super().__init__(f"{url}: {size} bytes, over the limit of {limit} (--max-source-bytes)")
+        self.size, self.limit = size, limit
+
+
+def read_bytes(url: str, limit: int | None = None, max_size: int | None = None) -> bytes:
     """Read a whole source file (local path or fsspec URL), or at most ``limit + 1`` bytes of it (a
     caller that gets more than ``limit`` knows the file is too large without holding all of it).
-    Raises OSError subclasses on failure."""
-    size = -1 if limit is None else limit + 1
+    ``max_size``: ``TooLarge`` when the file's size (stat) is over it, before reading a byte (and
+    if a file of unknown size turns out bigger). Raises OSError subclasses on failure."""
+    caps = [c for c in (limit, max_size) if c is not None]
+    size = min(caps) + 1 if caps else -1
     if "://" not in url:
         with open(url, "rb") as fh:
-            return fh.read(size)
+            _check_size(url, os.fstat(fh.fileno()).st_size, max_size)
+            return _checked(url, fh.read(size), max_size)
     with fsspec.open(url, "rb") as fh:
-        return fh.read(size)
+        _check_size(url, getattr(fh, "size", None), max_size)
+        return _checked(url, fh.read(size), max_size)
+
+
+def _check_size(url: str, size: int | None, max_size: int | None) -> None:
+    if max_size is not None and size is not None and size > max_size:
+        raise TooLarge(url, size, max_size)
+
+
+def _checked(url: str, data: bytes, max_size: int | None) -> bytes:
+    if max_size is not None and len(data) > max_size:  # a size the filesystem did not know, or a file that grew
+        raise TooLarge(url, len(data), max_size)
+    return data
 
 
 def _fsync_dir(path: str) -> None:

@@ -60,8 +60,21 @@ def embedding_file(modality: str, name: str) -> str:
     return f"embeddings/{modality}/{name}.npy"
 
 
-def read_committed(out: OutputDir, name: str, config_hash: str, modalities: list[str] = ()) -> Optional[dict]:
-    """The unit's stats if it is committed under ``config_hash``, else None."""
+def plan_digest(unit: Unit) -> str:
+    """A digest of the unit's records as planned (keys, ids, sources, inline captions and metadata):
+    a committed shard counts only for the plan it was built from, so a resume never mixes plans."""
+    h = hashlib.sha256()
+    for r in unit.records:
+        h.update(json.dumps([r.key, r.id, r.sources, r.caption, r.meta, r.problem, r.reserved], sort_keys=True,
+                            default=str).encode())
+        h.update(b"\n")
+    return h.hexdigest()[:32]
+
+
+def read_committed(out: OutputDir, name: str, config_hash: str, modalities: list[str] = (),
+                   digest: Optional[str] = None) -> Optional[dict]:
+    """The unit's stats if it is committed under ``config_hash`` (and, given ``digest``, from the
+    same plan: ``plan_digest``), else None."""
     files = {**shard_files(name), **{m: embedding_file(m, name) for m in modalities}}
     if not out.exists(files["stats"]):
         return None
@@ -69,6 +82,8 @@ def read_committed(out: OutputDir, name: str, config_hash: str, modalities: list
         stats = json.loads(out.read_bytes(files["stats"]))
     except (OSError, ValueError):
         return None
+    if digest is not None and stats.get("plan_digest") != digest:
+        return None  # built from another plan (plan.parquet deleted, corpus changed): rebuild it
     if stats.get("config_hash") != config_hash or not all(out.exists(f) for k, f in files.items() if k != "stats"):
         return None
     return stats
@@ -78,7 +93,7 @@ def run_unit(config: BuildConfig, unit: Unit) -> dict:
     """Build shard ``unit.index`` (unless committed) and return its stats."""
     ctx = get_context(config)
     files = shard_files(unit.name)
-    committed = read_committed(ctx.out, unit.name, config.config_hash, config.embedded_modalities)
+    committed = read_committed(ctx.out, unit.name, config.config_hash, config.embedded_modalities, plan_digest(unit))
     if committed is not None:
         return {**committed, "skipped": True}
     started = time.time()
@@ -163,14 +178,14 @@ def in_key_order(samples: list[Sample]) -> list[Sample]:
     views = [s for s in samples if is_view(s)]
     samples = sorted((s for s in samples if not is_view(s)), key=lambda s: s.row["key"])
     seen = Counter(s.row["key"] for s in samples)
-    for s in samples:
-        if seen[s.row["key"]] > 1 and s.row.get("parent_key"):
+    for s in samples:  # a key another record of the plan holds, in this unit or any other
+        if s.row.get("parent_key") and (seen[s.row["key"]] > 1 or s.row["key"] in s.record.reserved):
             seen[s.row["key"]] -= 1
             key = sanitize_key(f"{s.row['key']}_{hashlib.blake2b(s.row['parent_key'].encode(), digest_size=4).hexdigest()}")
             s.row.update(key=key, id=key_to_id(key))
             if "json" in s.members:
                 write_json(s)
-    rekey_views(views, {s.row["key"] for s in samples})
+    rekey_views(views, {s.row["key"] for s in samples} | {k for s in samples for k in s.record.reserved})
     return sorted(samples + views, key=lambda s: s.row["key"])
 
 
@@ -185,6 +200,7 @@ def unit_stats(unit: Unit, config: BuildConfig, samples: list[Sample], timer: Ti
         "unit": unit.index,
         "shard": f"{unit.name}.tar",
         "config_hash": config.config_hash,
+        "plan_digest": plan_digest(unit),
         "mmdata_version": __version__,
         "counts": {
             "records": len(unit.records),

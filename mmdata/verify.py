@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 
 from mmdata.errors import UserError
 from mmdata.storage import OutputDir
+from mmdata.unique_ids import duplicate_ids
 from mmdata.writers.tar import read_tar_samples
 
 STATUSES = ("written", "filtered", "failed")
@@ -147,6 +148,11 @@ def verify_report(url: str) -> tuple[list[str], dict]:
     totals: Counter = Counter({k: 0 for k in ("inputs", *STATUSES)})
     for tar_name, expected in sorted(sizes.items()):
         _check_shard(out, tar_name, expected, modalities, plan, totals, problems)
+    shards = [t[: -len(".tar")] for t in sorted(sizes) if out.exists(f"shards/{t[: -len('.tar')]}.parquet")]
+    try:
+        problems.extend(duplicate_ids(out, shards))
+    except (OSError, pa.ArrowException, KeyError) as exc:
+        problems.append(f"ids could not be checked for duplicates ({exc})")
     totals = dict(totals)
     if manifest.get("counts") and manifest["counts"] != totals:
         problems.append(f"manifest.json counts {manifest['counts']} differ from the shards' {totals}")

@@ -24,7 +24,7 @@ from mmdata.config import BuildConfig
 from mmdata.errors import UserError
 from mmdata.records import Unit
 from mmdata.storage import OutputDir
-from mmdata.unit import read_committed
+from mmdata.unit import plan_digest, read_committed
 
 FN_API_RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
 LOCAL_RUNNERS = {"fnapirunner", "directrunner", "switchingdirectrunner", "bundlebaseddirectrunner", "prismrunner"}
@@ -84,7 +84,7 @@ class BeamEngine:
         out = OutputDir(config.out)
         results = []
         for unit in units:  # every unit has committed its stats file by now (finalize re-checks)
-            stats = read_committed(out, unit.name, config.config_hash, config.embedded_modalities)
+            stats = read_committed(out, unit.name, config.config_hash, config.embedded_modalities, plan_digest(unit))
             if stats is not None:
                 results.append(stats)
                 on_done(stats)
