@@ -115,17 +115,22 @@ class ImageTransform:
 
     def __init__(self, opts: ImageOptions):
         self.opts = opts
-        # Pillow refuses images over 2 x MAX_IMAGE_PIXELS before our header check runs: keep its
-        # limit at least ours, so a configured max_pixels above Pillow's default is honoured.
-        if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < opts.max_pixels:
-            Image.MAX_IMAGE_PIXELS = opts.max_pixels
 
     def __call__(self, data: bytes) -> ImageResult:
         # We enforce our own pixel limit on the header (max_pixels); Pillow's warning would only be
         # noise. Silenced here only, never for the whole process (it would leak into users' scripts).
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return self._transform(data)
+        # Pillow refuses images over 2 x MAX_IMAGE_PIXELS before our header check runs: inside the
+        # transform its limit is at least ours, so a configured max_pixels above Pillow's default is
+        # honoured; the process's own limit is restored after.
+        saved = Image.MAX_IMAGE_PIXELS
+        if saved is not None and saved < self.opts.max_pixels:
+            Image.MAX_IMAGE_PIXELS = self.opts.max_pixels
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                return self._transform(data)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
 
     def _transform(self, data: bytes) -> ImageResult:
         opts = self.opts
