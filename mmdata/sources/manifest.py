@@ -6,6 +6,8 @@ as metadata. Relative paths are resolved against the manifest's folder; URLs pas
 from __future__ import annotations
 
 import io
+import json
+import math
 import posixpath
 
 import fsspec
@@ -37,9 +39,33 @@ def _read_table(url: str, fmt: str) -> pa.Table:
                 parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True),
                 convert_options=pacsv.ConvertOptions(strings_can_be_null=True),
             )
-        return pajson.read_json(io.BytesIO(data))
-    except (pa.ArrowInvalid, OSError) as exc:
+        try:
+            return pajson.read_json(io.BytesIO(data))
+        except pa.ArrowInvalid:
+            return _read_jsonl_loose(data)
+    except (pa.ArrowInvalid, OSError, ValueError) as exc:
         raise UserError(f"cannot read manifest {url} as {fmt}: {str(exc).splitlines()[0]}") from None
+
+
+def _read_jsonl_loose(data: bytes) -> pa.Table:
+    """JSONL that Arrow rejects (a column whose type changes between rows, NaN tokens): parsed row by
+    row; a column holding more than one type keeps its values as text, so one odd row cannot stop a build."""
+    rows = [json.loads(line) for line in data.decode("utf-8-sig").splitlines() if line.strip()]
+    if not all(isinstance(r, dict) for r in rows):
+        raise ValueError("a line is not a JSON object")
+    for r in rows:  # NaN / Infinity tokens are no value
+        r.update({k: None for k, v in r.items() if isinstance(v, float) and not math.isfinite(v)})
+    cols: dict[str, set] = {}
+    for r in rows:
+        for k, v in r.items():
+            if v is not None:
+                cols.setdefault(k, set()).add(type(v))
+    mixed = {k for k, types in cols.items() if len(types) > 1 or types & {dict, list}}
+    for r in rows:
+        for k in mixed & r.keys():
+            v = r[k]
+            r[k] = v if v is None or isinstance(v, str) else json.dumps(v)
+    return pa.Table.from_pylist(rows)
 
 
 def _resolver(url: str):
