@@ -15,7 +15,6 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from mmdata.transforms.audio import WindowedAudio, decode_audio, downmix, probe_header, resample
 
 SR = 16000
 HOURS = 10
@@ -120,6 +119,8 @@ def test_ten_hour_recording_with_2000_cues_is_cut_with_bounded_memory(long_flac,
 def test_windows_match_the_whole_recording(sr, out_sr, channels, mono):
     """Every window equals the same range of the whole recording decoded, downmixed and resampled at
     once (to float rounding, far below a 16-bit step), at the start, middle and end."""
+    from mmdata.transforms.audio import WindowedAudio, decode_audio, downmix, probe_header, resample
+
     rng = np.random.default_rng(sr + channels)
     x = (rng.standard_normal((sr * 12, channels)) * 0.2).astype(np.float32)
     bio = io.BytesIO()
@@ -141,6 +142,8 @@ def test_windows_match_the_whole_recording(sr, out_sr, channels, mono):
 
 def test_header_probe_refuses_what_it_cannot_trust():
     """No length from a header that does not declare one: the full decode path keeps handling it."""
+    from mmdata.transforms.audio import probe_header
+
     assert probe_header(b"") is None
     assert probe_header(b"not audio at all, just text\n" * 10) is None
     x = np.zeros((1600, 1), np.float32)
