@@ -111,6 +111,26 @@ def test_ten_hour_recording_with_2000_cues_is_cut_with_bounded_memory(long_flac,
     assert (tmp_path / "out" / "manifest.json").exists()  # the build finalised
 
 
+def test_truncated_long_recording_fails_the_segments_past_the_cut(long_flac, tmp_path):
+    """Half the bytes of the 10-hour FLAC: segments in the first hours are written, those past the cut
+    fail with truncated:audio (never a short clip written silently), and the build goes on."""
+    inp = tmp_path / "in"
+    inp.mkdir()
+    with open(long_flac, "rb") as fh:
+        data = fh.read()
+    (inp / "cat.flac").write_bytes(data[:len(data) // 2])
+    write_srt(str(inp / "cat.srt"), 20, every=HOURS * 3600 / 20, length=3.0)
+    proc, peak = build_measured(str(inp), str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert peak < GIB
+    out = sorted(rows(str(tmp_path / "out")), key=lambda r: r["start"])
+    assert len(out) == 20
+    status = [r["status"] for r in out]
+    assert status[0] == "written" and status[-1] == "failed", status
+    assert {r["reason"] for r in out if r["status"] == "failed"} == {"truncated:audio"}
+    assert status == sorted(status, key=lambda s: s != "written")  # written ones all come before the cut
+
+
 @pytest.mark.parametrize("sr,out_sr,channels,mono", [(16000, 16000, 1, True), (44100, 16000, 2, True),
                                                      (48000, 22050, 2, False), (8000, 16000, 1, True)])
 def test_windows_match_the_whole_recording(sr, out_sr, channels, mono):

@@ -323,10 +323,16 @@ class WindowedAudio:
         bio = io.BytesIO(self.data)
         try:
             with sf.SoundFile(bio) as f:
-                f.seek(a0)
+                try:
+                    f.seek(a0)
+                except sf.LibsndfileError as exc:  # the frame the header declares is not in the bytes
+                    raise SampleFailed("truncated:audio", f"cannot seek to frame {a0} of {frames}: "
+                                                          f"{exc.error_string}") from None
                 x = _read_all(f, bio, len(self.data), max(0, a1 - a0))
         except sf.LibsndfileError as exc:
             raise SampleFailed("decode:audio", f"{self.header['container']}: {exc.error_string}") from None
+        if len(x) < a1 - a0:
+            raise SampleFailed("truncated:audio", f"decoded {a0 + len(x)} of {frames} frames the header declares")
         if not np.isfinite(x).all():
             raise SampleFailed("nonfinite:audio", f"{int(np.count_nonzero(~np.isfinite(x)))} NaN/inf samples")
         if self.mono or self.mix:
