@@ -27,11 +27,18 @@ from mmdata.writers.npy import npy_bytes
 
 try:
     from mmdata.sources.transcripts import PlannedSegment, cut, parse_transcript, plan_segments
-    from mmdata.transforms.audio import decode_audio, downmix, encode_flac, log_mel, process_audio, resample
+    from mmdata.transforms.audio import (_EXT_CONTAINERS, WindowedAudio, decode_audio, downmix, encode_flac, log_mel, probe_header,
+                                         process_audio, resample)
 except ImportError as _exc:  # soundfile, soxr, librosa, srt, webvtt-py: the 'audio' extra
     _MISSING: Optional[ImportError] = _exc
 else:
     _MISSING = None
+
+
+# A recording whose decoded samples (float32, all channels) would take more than this is decoded one
+# segment window at a time (formats libsndfile seeks exactly); shorter ones are decoded once, whole.
+WINDOWED_ABOVE_BYTES = 64 << 20
+_HEAD_MARGIN_S = 1.0  # a clip is judged long from its header only past max_duration + this (resampler edges)
 
 
 @dataclass(frozen=True)
@@ -86,17 +93,35 @@ class AudioStage:
 
     # ---------------------------------------------------------------------------------- audio
 
-    def decode(self, sample: Sample, timer: Timer) -> tuple[np.ndarray, int]:
-        """Read and decode the record's audio; source facts go into the row."""
+    def read(self, sample: Sample, timer: Timer) -> bytes:
+        """The record's audio bytes (undecoded); source facts go into the row."""
         url, row = sample.record.sources["audio"], sample.row
         t0 = time.perf_counter()
         data = read_source(url, "audio", max_source_bytes=self.config.max_source_bytes)
         timer.add("read", t0)
         row["source_bytes"] += len(data)
         row["audio_sha256"] = hashlib.sha256(data).hexdigest()
+        return data
+
+    def _header_facts(self, sample: Sample, data: bytes, header: dict) -> None:
+        row, url = sample.row, sample.record.sources["audio"]
+        row.update(audio_container=header["container"], source_sample_rate=header["sample_rate"],
+                   source_channels=header["channels"], source_duration=header["duration"])
+        ext = posixpath.splitext(url)[1].lower().lstrip(".")
+        allowed = _EXT_CONTAINERS.get(ext)
+        if allowed is not None and header["container"] not in allowed:
+            row["warnings"].append(f"ext_mismatch:audio:{header['container']}")
+
+    def decode(self, sample: Sample, timer: Timer, data: Optional[bytes] = None,
+               max_frames: Optional[int] = None) -> tuple[np.ndarray, int]:
+        """Read (unless ``data`` is given) and decode the record's audio (its head of ``max_frames``
+        where the decoder allows); source facts go into the row."""
+        url, row = sample.record.sources["audio"], sample.row
+        if data is None:
+            data = self.read(sample, timer)
         t0 = time.perf_counter()
         try:
-            samples, sr, info = decode_audio(data, posixpath.splitext(url)[1])
+            samples, sr, info = decode_audio(data, posixpath.splitext(url)[1], max_frames=max_frames)
         finally:
             timer.add("audio_decode", t0)
         row.update(audio_container=info["container"], source_sample_rate=sr, source_channels=info["channels"],
@@ -107,10 +132,25 @@ class AudioStage:
 
     def clip(self, sample: Sample, timer: Timer) -> None:
         """A whole file as one clip. A clip the policy filters drops the audio (warning
-        ``audio_dropped:<reason>``) unless audio is required."""
-        samples, sr = self.decode(sample, timer)
+        ``audio_dropped:<reason>``) unless audio is required. A clip whose header says it is over
+        ``max_duration`` (with ``trim_silence`` off, so the length is known before decoding) is
+        filtered without decoding, or only its head is decoded (``long_clips="cut"``)."""
+        cfg = self.cfg
+        data = self.read(sample, timer)
+        header = probe_header(data) if cfg.max_duration is not None and not cfg.trim_silence else None
+        max_frames = None
         t0 = time.perf_counter()
         try:
+            if header is not None and header["duration"] > cfg.max_duration + _HEAD_MARGIN_S:
+                if cfg.long_clips == "filter":
+                    self._header_facts(sample, data, header)
+                    raise SampleFiltered("duration:too_long", f"{header['duration']:.3f} s > {cfg.max_duration} s "
+                                                              "(from the header, not decoded)")
+                max_frames = int(np.ceil((cfg.max_duration + _HEAD_MARGIN_S) * header["sample_rate"]))
+            samples, sr = self.decode(sample, timer, data, max_frames)
+            if max_frames is not None:
+                sample.row["source_duration"] = header["duration"]
+            t0 = time.perf_counter()  # decode time is counted apart (audio_decode)
             y, info = process_audio(samples, sr, self.cfg)
         except SampleFiltered as err:
             if self.require_audio:
@@ -143,7 +183,20 @@ class AudioStage:
         """One sample per planned segment (written or filtered with its reason), in key order.
         A recording that cannot be decoded raises, and stays one failed row."""
         cfg, conf = self.cfg, self.config
-        samples, sr = self.decode(parent, timer)
+        data = self.read(parent, timer)
+        header = probe_header(data)
+        if header is not None and header["frames"] * header["channels"] * 4 > WINDOWED_ABOVE_BYTES:
+            # a long recording: decoded one segment window at a time, never whole
+            self._header_facts(parent, data, header)
+            out_sr = cfg.sample_rate or header["sample_rate"]
+            x = WindowedAudio(data, header, cfg.mono, out_sr, cfg.resample_quality)
+            t0 = time.perf_counter()
+            plan = plan_segments(transcript.segments, len(x) / out_sr, offset=conf.segment_offset,
+                                 pad=conf.segment_pad, min_segment=conf.min_segment, max_segment=conf.max_segment,
+                                 max_merge_gap=conf.max_merge_gap, samples=x, sample_rate=out_sr)
+            timer.add("audio", t0)
+            return [self._segment(parent, p, x, out_sr, timer) for p in plan]
+        samples, sr = self.decode(parent, timer, data)
         t0 = time.perf_counter()
         x = downmix(samples) if cfg.mono else samples
         del samples

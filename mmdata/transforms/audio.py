@@ -127,23 +127,25 @@ class _NeedsFFmpeg(Exception):
     """libsndfile cannot read this file although it knows the container."""
 
 
-def _read_all(f: sf.SoundFile, bio: io.BytesIO, size: int) -> np.ndarray:
-    """Read every frame in blocks (a header's frame count is not trusted with an allocation size);
-    a decoder error at the end of the bytes is a truncation."""
-    blocks = []
-    while True:
+def _read_all(f: sf.SoundFile, bio: io.BytesIO, size: int, max_frames: Optional[int] = None) -> np.ndarray:
+    """Read every frame (at most ``max_frames``) in blocks (a header's frame count is not trusted with
+    an allocation size); a decoder error at the end of the bytes is a truncation."""
+    blocks, left = [], max_frames
+    while left is None or left > 0:
         try:
-            block = f.read(_READ_BLOCK, dtype="float32", always_2d=True)
+            block = f.read(_READ_BLOCK if left is None else min(_READ_BLOCK, left), dtype="float32", always_2d=True)
         except sf.LibsndfileError as exc:
             reason = "truncated:audio" if bio.tell() >= size - 8192 else "decode:audio"
             raise SampleFailed(reason, f"{f.format}: {exc}") from None
         if not len(block):
             break
         blocks.append(block)
+        if left is not None:
+            left -= len(block)
     return np.concatenate(blocks) if blocks else np.zeros((0, f.channels), np.float32)
 
 
-def _decode_soundfile(data: bytes, container: str) -> tuple[np.ndarray, int, dict]:
+def _decode_soundfile(data: bytes, container: str, max_frames: Optional[int] = None) -> tuple[np.ndarray, int, dict]:
     if container == "ogg" and not _ogg_ends_with_eos(data):
         raise SampleFailed("truncated:audio", "ogg stream has no end-of-stream page")
     bio = io.BytesIO(data)
@@ -152,7 +154,7 @@ def _decode_soundfile(data: bytes, container: str) -> tuple[np.ndarray, int, dic
             sr, fmt, subtype, declared = f.samplerate, f.format, f.subtype, f.frames
             if declared >= _UNKNOWN_FRAMES:  # a streamed FLAC (0 total samples): libsndfile cannot read it
                 raise _NeedsFFmpeg(f"{container} of undeclared length (streamed)")
-            samples = _read_all(f, bio, len(data))
+            samples = _read_all(f, bio, len(data), max_frames)
     except sf.LibsndfileError as exc:
         raise SampleFailed("decode:audio", f"{container}: {exc.error_string}") from None
     expected, tolerance = declared, 0
@@ -165,6 +167,8 @@ def _decode_soundfile(data: bytes, container: str) -> tuple[np.ndarray, int, dic
     elif container == "ogg":
         expected = None  # the frame count comes from the last page; the EOS check covers truncation
     info = {"decoder": "soundfile", "format": fmt, "codec": subtype, "declared_frames": expected}
+    if max_frames is not None and expected is not None:
+        expected = min(expected, max_frames)  # only the head was asked for
     if len(samples) and expected is not None and len(samples) < expected - tolerance:
         raise SampleFailed("truncated:audio", f"decoded {len(samples)} of {expected} frames the header declares")
     return samples, sr, info
@@ -221,7 +225,7 @@ def _decode_ffmpeg(data: bytes, container: str, what: str = "") -> tuple[np.ndar
     return samples, sr, info
 
 
-def decode_audio(data: bytes, ext: str) -> tuple[np.ndarray, int, dict]:
+def decode_audio(data: bytes, ext: str, max_frames: Optional[int] = None) -> tuple[np.ndarray, int, dict]:
     """Decode audio bytes to ``(float32 [frames, channels], sample_rate, info)``.
 
     The container is read from the content, not the extension (``info["ext_mismatch"]`` records a
@@ -238,7 +242,7 @@ def decode_audio(data: bytes, ext: str) -> tuple[np.ndarray, int, dict]:
     mismatch = container != "unknown" and ext in _EXT_CONTAINERS and container not in _EXT_CONTAINERS[ext]
     if container in SOUNDFILE_CONTAINERS:
         try:
-            samples, sr, info = _decode_soundfile(data, container)
+            samples, sr, info = _decode_soundfile(data, container, max_frames)
         except _NeedsFFmpeg as exc:
             samples, sr, info = _decode_ffmpeg(data, container, str(exc))
     elif container != "unknown":
@@ -258,6 +262,84 @@ def decode_audio(data: bytes, ext: str) -> tuple[np.ndarray, int, dict]:
     info.update(container=container, ext=ext, ext_mismatch=bool(mismatch), sample_rate=sr,
                 channels=samples.shape[1], frames=len(samples), duration=len(samples) / sr)
     return samples, sr, info
+
+
+# Containers libsndfile seeks exactly (sample-accurate): their header's frame count is read before
+# any decoding, and a long recording is decoded one window at a time.
+SEEKABLE_CONTAINERS = frozenset({"wav", "flac", "aiff", "w64", "caf", "au"})
+
+
+def probe_header(data: bytes) -> Optional[dict]:
+    """``{container, sample_rate, channels, frames, duration}`` from the header alone (no decoding), or
+    None when the container is not one libsndfile seeks or its length is not declared."""
+    container = sniff_container(data)
+    if container not in SEEKABLE_CONTAINERS:
+        return None
+    try:
+        info = sf.info(io.BytesIO(data))
+    except (sf.LibsndfileError, RuntimeError, TypeError):
+        return None
+    frames, sr = int(info.frames), int(info.samplerate)
+    if container == "wav":
+        frames = _wav_header_frames(data) or 0  # a streamed WAV's placeholder is not a length
+    if frames <= 0 or frames >= _UNKNOWN_FRAMES or sr <= 0 or info.channels <= 0:
+        return None
+    return {"container": container, "sample_rate": sr, "channels": int(info.channels), "frames": frames,
+            "duration": frames / sr}
+
+
+class WindowedAudio:
+    """A long recording seen as its processed (downmixed when ``mono``, resampled) samples, decoded one
+    window at a time: ``len(x)`` and ``x[i0:i1]`` (an ``np.ndarray``) like the array it stands for,
+    with memory bounded by the window, not the recording. Windows start on a frame where the source and
+    output rates align, with ``margin_s`` of context either side for the resampler."""
+
+    def __init__(self, data: bytes, header: dict, mono: bool, out_sr: int, quality: str = "HQ",
+                 margin_s: float = 0.1, mix: bool = False):
+        self.data, self.header, self.mono, self.out_sr, self.quality = data, header, mono, out_sr, quality
+        self.mix = mix
+        sr = header["sample_rate"]
+        g = np.gcd(sr, out_sr)
+        self._step_in, self._step_out = sr // g, out_sr // g  # aligned blocks: step_in source = step_out output
+        self._margin = -(-int(margin_s * sr) // self._step_in)  # in aligned blocks
+        self._len = int(round(header["frames"] * out_sr / sr))
+        self.ndim = 1 if (mono or mix) else 2
+
+    def __len__(self) -> int:
+        return self._len
+
+    def mean(self, axis: int = 1) -> "WindowedAudio":
+        return WindowedAudio(self.data, self.header, self.mono, self.out_sr, self.quality, mix=True)
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        if not isinstance(index, slice) or index.step not in (None, 1):
+            raise TypeError("WindowedAudio takes contiguous slices only")
+        i0, i1, _ = index.indices(self._len)
+        i1 = max(i0, i1)
+        frames, sr = self.header["frames"], self.header["sample_rate"]
+        b0 = max(0, i0 // self._step_out - self._margin)  # first aligned block
+        a0 = b0 * self._step_in
+        a1 = min(frames, -(-i1 * sr // self.out_sr) + self._margin * self._step_in)
+        bio = io.BytesIO(self.data)
+        try:
+            with sf.SoundFile(bio) as f:
+                try:
+                    f.seek(a0)
+                except sf.LibsndfileError as exc:  # the frame the header declares is not in the bytes
+                    raise SampleFailed("truncated:audio", f"cannot seek to frame {a0} of {frames}: "
+                                                          f"{exc.error_string}") from None
+                x = _read_all(f, bio, len(self.data), max(0, a1 - a0))
+        except sf.LibsndfileError as exc:
+            raise SampleFailed("decode:audio", f"{self.header['container']}: {exc.error_string}") from None
+        if len(x) < a1 - a0:
+            raise SampleFailed("truncated:audio", f"decoded {a0 + len(x)} of {frames} frames the header declares")
+        if not np.isfinite(x).all():
+            raise SampleFailed("nonfinite:audio", f"{int(np.count_nonzero(~np.isfinite(x)))} NaN/inf samples")
+        if self.mono or self.mix:
+            x = downmix(x)
+        y = resample(x, sr, self.out_sr, self.quality)
+        off = b0 * self._step_out
+        return y[i0 - off:i1 - off]
 
 
 # ------------------------------------------------------------------------------------ transforms
