@@ -54,8 +54,7 @@ def main() -> None:
         code = ("import resource, subprocess, sys\n"
                 "p = subprocess.run([sys.executable, '-m', 'mmdata', 'build', *sys.argv[1:]], capture_output=True)\n"
                 "sys.stderr.buffer.write(p.stdout[-2000:] + p.stderr[-2000:])\n"
-                "print(max(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,"
-                " resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))\n"
+                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
                 "sys.exit(p.returncode)\n")
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-c", code, "-i", inp, "-o", out, "--workers", "1", "--no-progress",
