@@ -54,7 +54,8 @@ def _checked(url: str, data: bytes, max_size: int | None) -> bytes:
     return data
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
+    """Make a rename in ``path`` survive a crash (best effort: not every filesystem allows it)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -133,7 +134,7 @@ class OutputDir:
                     fh.flush()
                     os.fsync(fh.fileno())
                 os.replace(tmp, final)
-                _fsync_dir(folder)
+                fsync_dir(folder)
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)

@@ -10,6 +10,8 @@ import re
 import tempfile
 from typing import Any
 
+from mmdata.storage import fsync_dir
+
 INSTALL_HINT = (
     "mmdata's index layer needs faiss: pip install 'mmdata[cpu]' (faiss-cpu) "
     "or 'mmdata[gpu]' (faiss-gpu)"
@@ -170,18 +172,6 @@ def write_index_atomic(faiss: Any, index: Any, path: str) -> int:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    _fsync_dir(directory)  # the rename itself survives a crash
+    fsync_dir(directory)  # the rename itself survives a crash
     return os.path.getsize(path)
 
-
-def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
