@@ -27,8 +27,9 @@ from mmdata.writers.npy import npy_bytes
 
 try:
     from mmdata.sources.transcripts import PlannedSegment, cut, parse_transcript, plan_segments
-    from mmdata.transforms.audio import (_EXT_CONTAINERS, WindowedAudio, decode_audio, downmix, encode_flac, log_mel, probe_header,
-                                         process_audio, resample)
+    from mmdata.transforms.audio import (_EXT_CONTAINERS, decode_audio, downmix, encode_flac, log_mel, process_audio,
+                                         resample)
+    from mmdata.transforms.audio_window import WindowedAudio, probe_header
 except ImportError as _exc:  # soundfile, soxr, librosa, srt, webvtt-py: the 'audio' extra
     _MISSING: Optional[ImportError] = _exc
 else:

@@ -136,7 +136,8 @@ def test_truncated_long_recording_fails_the_segments_past_the_cut(long_flac, tmp
 def test_windows_match_the_whole_recording(sr, out_sr, channels, mono):
     """Every window equals the same range of the whole recording decoded, downmixed and resampled at
     once (to float rounding, far below a 16-bit step), at the start, middle and end."""
-    from mmdata.transforms.audio import WindowedAudio, decode_audio, downmix, probe_header, resample
+    from mmdata.transforms.audio import decode_audio, downmix, resample
+    from mmdata.transforms.audio_window import WindowedAudio, probe_header
 
     rng = np.random.default_rng(sr + channels)
     x = (rng.standard_normal((sr * 12, channels)) * 0.2).astype(np.float32)
@@ -159,7 +160,7 @@ def test_windows_match_the_whole_recording(sr, out_sr, channels, mono):
 
 def test_header_probe_refuses_what_it_cannot_trust():
     """No length from a header that does not declare one: the full decode path keeps handling it."""
-    from mmdata.transforms.audio import probe_header
+    from mmdata.transforms.audio_window import probe_header
 
     assert probe_header(b"") is None
     assert probe_header(b"not audio at all, just text\n" * 10) is None
