@@ -22,9 +22,9 @@ import numpy as np
 import soundfile as sf
 
 from mmdata.config import load_config
-from mmdata.plan import cut_units, list_records
+from mmdata.pipeline.plan import cut_units, list_records
+from mmdata.pipeline.unit import run_unit
 from mmdata.transforms.audio import AudioConfig, decode_audio, encode_flac, log_mel, process_audio
-from mmdata.unit import run_unit
 
 # (format, subtype, rate, channels): the mix a speech/audio corpus typically has
 LAYOUTS = [("WAV", "PCM_16", 44100, 2), ("FLAC", "PCM_16", 48000, 2), ("WAV", "PCM_16", 16000, 1),

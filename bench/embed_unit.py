@@ -18,10 +18,10 @@ import torch  # noqa: E402
 
 from bench.shard_stage import make_photos  # noqa: E402
 from mmdata.config import load_config  # noqa: E402
-from mmdata.embedding import make_encoder  # noqa: E402
-from mmdata.plan import cut_units, list_records  # noqa: E402
+from mmdata.encoders.factory import make_encoder  # noqa: E402
+from mmdata.pipeline.plan import cut_units, list_records  # noqa: E402
+from mmdata.pipeline.unit import run_unit  # noqa: E402
 from mmdata.storage import OutputDir  # noqa: E402
-from mmdata.unit import run_unit  # noqa: E402
 
 
 def main() -> dict:

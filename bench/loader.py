@@ -73,9 +73,9 @@ def interleaved(bare, ours, epochs: int) -> tuple[tuple[float, int], tuple[float
 def neighbour_cost(out: str, batch_size: int, k: int, batches: int = 20) -> dict:
     """Milliseconds per batch of ``NeighbourLookup`` (search B queries for k+1, gather the image and
     text rows of the B×k neighbours), measured in this process after the index is loaded."""
-    from mmdata.loader import NeighbourLookup, make_loader
-
     import faiss
+
+    from mmdata.loader import NeighbourLookup, make_loader
 
     faiss.omp_set_num_threads(1)  # as in a loader worker (one thread each: the workers are the parallelism)
     lookup = NeighbourLookup(out, k, "image", embeddings=["image", "text"])

@@ -9,7 +9,6 @@ ratio (target ≥ 0.85).
 from __future__ import annotations
 
 import argparse
-import glob
 import math
 import multiprocessing
 import os

@@ -1,5 +1,5 @@
 """mmdata: raw multimodal corpora -> WebDataset shards, metadata, embeddings and a FAISS index."""
-__version__ = "0.1.0"
+from mmdata.version import __version__
 
 __all__ = ["Hit", "Retriever", "__version__"]
 
@@ -7,9 +7,9 @@ __all__ = ["Hit", "Retriever", "__version__"]
 def __getattr__(name: str):
     """``from mmdata import Retriever`` without importing faiss, pyarrow or PIL on ``import mmdata``."""
     if name in ("Retriever", "Hit"):
-        from mmdata import retrieval
+        from mmdata import search
 
-        return getattr(retrieval, name)
+        return getattr(search, name)
     raise AttributeError(f"module 'mmdata' has no attribute {name!r}")
 
 

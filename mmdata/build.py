@@ -7,14 +7,14 @@ import time
 from tqdm import tqdm
 
 from mmdata.config import BuildConfig
-from mmdata.embedding import check_models
+from mmdata.encoders.factory import check_models
 from mmdata.engines.base import get_engine
-from mmdata.finalize import finalize
-from mmdata.indexing import check_index_options
+from mmdata.index.step import check_index_options
 from mmdata.layout import clear_output
-from mmdata.plan import check_input, make_or_load_plan
+from mmdata.pipeline.finalize import finalize
+from mmdata.pipeline.plan import check_input, make_or_load_plan
+from mmdata.pipeline.unit import read_committed
 from mmdata.storage import OutputDir
-from mmdata.unit import read_committed
 
 
 def resume_line(n_skipped: int, n_units: int) -> str:

@@ -76,7 +76,7 @@ class BuildConfig(BaseModel):
     min_segment: float = Field(0.0, ge=0, description="shorter segments merge with a neighbour (else filtered)")
     max_segment: Optional[float] = Field(None, gt=0, description="longer segments are split at a pause (else filtered)")
     max_merge_gap: float = Field(1.0, ge=0, description="seconds of silence across which short segments merge")
-    # offline augmentation: N seeded views per written sample, written as <key>_v01 … (mmdata/views.py)
+    # offline augmentation: N seeded views per written sample, written as <key>_v01 … (mmdata/pipeline/samples/views.py)
     augment: Optional[AugmentConfig] = Field(None, description="augment ops: a mapping, or the path of a YAML file")
     views: Optional[int] = Field(None, ge=0, le=99, description="augmented views per sample (default: the augment config's views)")
     augment_seed: Optional[int] = Field(None, description="seed of the views (flag --seed; default: the augment config's seed)")

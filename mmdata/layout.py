@@ -1,4 +1,4 @@
-"""The files of an mmdata output, and ``--overwrite``: delete only what mmdata wrote.
+"""The files of an mmdata output: where each one lives, and ``--overwrite``: delete only what mmdata wrote.
 
 A folder is an mmdata output when it holds an mmdata ``manifest.json`` or ``plan.parquet``.
 ``--overwrite`` refuses any other non-empty folder, and in an mmdata output it removes only the
@@ -12,6 +12,19 @@ import re
 
 from mmdata.errors import UserError
 from mmdata.storage import OutputDir
+
+IDS_FILE = "index/ids.parquet"
+
+
+def shard_files(name: str) -> dict[str, str]:
+    """Unit ``name``'s shard files: the tar, its parquet table, its stats (the commit marker)."""
+    return {"tar": f"shards/{name}.tar", "parquet": f"shards/{name}.parquet", "stats": f"shards/{name}_stats.json"}
+
+
+def embedding_file(modality: str, name: str) -> str:
+    """Unit ``name``'s ``modality`` embeddings (one row per written sample, in row order)."""
+    return f"embeddings/{modality}/{name}.npy"
+
 
 _N = r"\d{5,}"
 _TMP = r"(\.tmp-[0-9a-zA-Z_-]+)?"

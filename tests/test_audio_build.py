@@ -14,12 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 import webdataset as wds
+from conftest import run_build
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import run_build
 from mmdata.cli.main import app
-from mmdata.verify import verify_output
+from mmdata.tools.verify import verify_output
 
 SENTENCES = ["The birch canoe slid on the smooth planks.", "Glue the sheet to the dark blue background.",
              "It is easy to tell the depth of a well.", "These days a chicken leg is a rare dish."]
@@ -274,7 +274,7 @@ def test_clap_embeddings_and_the_encoder_a_retriever_recreates(tmp_path):
     pytest.importorskip("transformers")
     from test_audio_encoders import write_tiny_clap
 
-    from mmdata.embedding import audio_encoder_from_facts
+    from mmdata.encoders.factory import audio_encoder_from_facts
 
     folder = tmp_path / "clap"
     folder.mkdir()

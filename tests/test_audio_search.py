@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import run_build
 from typer.testing import CliRunner
 
-from conftest import run_build
 from mmdata.cli.main import app
 from mmdata.errors import UserError
 
@@ -248,7 +248,7 @@ def test_reembed_keeps_the_audio_encoder_and_index(tmp_path):
 def test_retriever_is_exported_lazily():
     code = ("import sys, mmdata; heavy = [m for m in ('faiss', 'torch', 'pyarrow', 'PIL', 'numpy') if m in sys.modules]; "
             "assert not heavy, heavy; from mmdata import Retriever, Hit; "
-            "from mmdata.retrieval import Retriever as R; assert Retriever is R and 'Retriever' in dir(mmdata)")
+            "from mmdata.search import Retriever as R; assert Retriever is R and 'Retriever' in dir(mmdata)")
     subprocess.run([sys.executable, "-c", code], check=True)
     import mmdata
 

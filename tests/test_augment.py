@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmdata.augment import Augmenter, AugmentConfig, load_augment_config, view_key
+from mmdata.augment import AugmentConfig, Augmenter, load_augment_config, view_key
 from mmdata.errors import UserError
 
 SR = 16000

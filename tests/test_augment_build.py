@@ -13,17 +13,18 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 import yaml
-from PIL import Image
-
 from conftest import run_build
+from PIL import Image
+from test_resume_and_cli import assert_one_line_error, cli
+
 from mmdata.augment import Augmenter
 from mmdata.config import load_config
-from mmdata.process import RecordProcessor, Timer
+from mmdata.pipeline.samples.record import RecordProcessor
+from mmdata.pipeline.samples.sample import Timer
+from mmdata.pipeline.samples.views import ViewMaker
 from mmdata.records import Record
-from mmdata.verify import verify_output
-from mmdata.views import ViewMaker
+from mmdata.tools.verify import verify_output
 from mmdata.writers.tar import read_tar_samples
-from test_resume_and_cli import assert_one_line_error, cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "pipelines", "configs", "augment_example.yaml")
@@ -178,7 +179,7 @@ def test_views_have_zero_embedding_rows_unless_embed_views(corpus, tmp_path):
         assert {m: manifest["index"][m]["n"] for m in ("image", "text")} == {"image": n * (1 + embed_views),
                                                                             "text": n * (1 + embed_views)}
         assert verify_output(str(out)) == []
-    from mmdata.reembed import reembed  # `mmdata embed` keeps the rule of the build it re-embeds
+    from mmdata.tools.reembed import reembed  # `mmdata embed` keeps the rule of the build it re-embeds
 
     reembed(str(tmp_path / "embed_False"), model="mmdata-tiny", pretrained="random", model_seed=1)
     written = [r for r in table(tmp_path / "embed_False") if r["status"] == "written"]

@@ -13,10 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import webdataset as wds
+from conftest import run_build
 from PIL import Image
 
-from conftest import run_build
-from mmdata.verify import verify_output
+from mmdata.tools.verify import verify_output
 from pipelines.demo_corpus import BROKEN
 
 

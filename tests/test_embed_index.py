@@ -11,9 +11,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
-
 from conftest import run_build
-from mmdata.retrieval import Retriever
+
+from mmdata.search import Retriever
 
 TINY = dict(model="mmdata-tiny", pretrained="random", embed_batch_size=8)
 MMDATA = [sys.executable, "-m", "mmdata"]
@@ -172,7 +172,7 @@ def test_reembed_with_another_model(corpus, tmp_path):
     # the build embeds the image before JPEG encoding; `embed` decodes the stored JPEG: close, not equal
     assert np.all(np.sum(first.astype(np.float32) * again, axis=1) > 0.99)
     assert np.array_equal(first_text, np.load(out / "embeddings" / "text" / "00000.npy"))  # captions are stored as they were
-    from mmdata.reembed import reembed
+    from mmdata.tools.reembed import reembed
 
     manifest = reembed(str(out), model="mmdata-tiny", pretrained="random", model_seed=1)
     assert manifest["embeddings"]["encoder"]["seed"] == 1

@@ -15,15 +15,15 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import run_build
 
 import mmdata.build
 import mmdata.engines.beam_transforms as beam_transforms
-from conftest import run_build
 from mmdata.config import load_config
 from mmdata.errors import UserError
-from mmdata.plan import cut_units, list_records
-from mmdata.retrieval import Retriever
-from mmdata.verify import verify_output
+from mmdata.pipeline.plan import cut_units, list_records
+from mmdata.search import Retriever
+from mmdata.tools.verify import verify_output
 
 MMDATA = [sys.executable, "-m", "mmdata"]
 BEAM_BUILD = [sys.executable, "-m", "pipelines.beam_build"]

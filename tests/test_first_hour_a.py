@@ -78,7 +78,7 @@ def test_tie_aware_recall_does_not_credit_wrong_answers(tmp_path):
 # --- item 10: equal scores come back by id, the same for every k ------------------------------------
 
 def test_order_ties_by_id_groups_equal_scores():
-    from mmdata.retrieval import order_ties_by_id
+    from mmdata.search import order_ties_by_id
 
     pairs = [(0.5, 9), (0.9, 7), (0.9 + 1e-9, 3), (0.9, 5), (0.1, 1), (0.5, 2)]
     assert [i for _, i in order_ties_by_id(pairs)] == [3, 5, 7, 2, 9, 1]
@@ -93,7 +93,7 @@ def copies_built(big_corpus, tmp_path_factory):
 
 
 def test_search_with_identical_copies_is_stable_across_k(copies_built):
-    from mmdata.retrieval import Retriever
+    from mmdata.search import Retriever
 
     r = Retriever(copies_built)
     files = sorted(glob.glob(f"{copies_built}/embeddings/image/*.npy"))

@@ -319,7 +319,7 @@ def test_missing_faiss_names_the_extras(monkeypatch):
 def test_when_the_index_is_built_on_the_engine():
     from mmdata.config import load_config
     from mmdata.errors import UserError
-    from mmdata.indexing import distribute
+    from mmdata.index.step import distribute
 
     def on_engine(engine="dask", mode="auto", key="IVF1024,Flat", units=10, engine_given=True):
         config = load_config(input="in", out="out", engine=engine, index_distributed=mode)
@@ -337,7 +337,7 @@ def test_when_the_index_is_built_on_the_engine():
 
 
 def test_units_are_grouped_in_order_and_balanced():
-    from mmdata.index_parts import group_units, part_count
+    from mmdata.index.parts import group_units, part_count
 
     assert group_units([10] * 8, 4) == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert group_units([10] * 5, 8) == [[0], [1], [2], [3], [4]]

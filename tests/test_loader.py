@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image, ImageOps
+from test_train_fusion import CLASSES, shapes_build
 
 from mmdata.errors import UserError
 from mmdata.loader import EpochPlan, make_loader, read_shards
 from mmdata.storage import OutputDir
-from test_train_fusion import CLASSES, shapes_build
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +207,7 @@ def test_the_augmenter_plugs_in_for_images_and_captions(shapes):
 
 
 def test_neighbours_exclude_self_and_carry_stored_embeddings(shapes):
-    from mmdata.retrieval import Retriever
+    from mmdata.search import Retriever
 
     out, _ = shapes
     retriever = Retriever(out)

@@ -10,9 +10,9 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import run_build
-from mmdata.verify import verify_output
+
+from mmdata.tools.verify import verify_output
 
 MMDATA = [sys.executable, "-m", "mmdata"]
 

@@ -11,14 +11,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import mmdata.indexing as indexing
+import mmdata.index.ids as ids_module
 from mmdata.config import BuildConfig
 from mmdata.errors import UserError
-from mmdata.indexing import IDS_SCHEMA, build_indexes, written_ids
+from mmdata.index.ids import IDS_SCHEMA, written_ids
+from mmdata.index.step import build_indexes
 from mmdata.keys import key_to_id
 from mmdata.records import Unit
-from mmdata.retrieval import Retriever
 from mmdata.schema import SHARD_SCHEMA
+from mmdata.search import Retriever
 from mmdata.storage import OutputDir
 from mmdata.writers.table import table_bytes
 
@@ -103,11 +104,11 @@ def test_index_step_writes_ids_parquet_without_per_row_objects(corpus, indexed):
     assert table.to_pydict() == expected  # columns, order and values as the per-row writer wrote them
     meta = pq.ParquetFile(f"{out}/index/ids.parquet").metadata
     groups = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
-    assert groups == [indexing.ROW_GROUP_ROWS, 200_000 - indexing.ROW_GROUP_ROWS]
+    assert groups == [ids_module.ROW_GROUP_ROWS, 200_000 - ids_module.ROW_GROUP_ROWS]
 
 
 def test_ids_parquet_bytes_do_not_depend_on_how_it_is_written(corpus, tmp_path, monkeypatch):
-    from mmdata.indexing import write_ids
+    from mmdata.index.ids import write_ids
 
     src, units, expected = corpus
     (tmp_path / "shards").mkdir()
@@ -123,7 +124,7 @@ def test_ids_parquet_bytes_do_not_depend_on_how_it_is_written(corpus, tmp_path, 
         assert np.array_equal(ids[unit.name], written_ids(out, unit.name))
         assert ids[unit.name].dtype == np.int64
     # row groups cut across shards: the same rows, the same bytes every time
-    monkeypatch.setattr(indexing, "ROW_GROUP_ROWS", 7_000)
+    monkeypatch.setattr(ids_module, "ROW_GROUP_ROWS", 7_000)
     write_ids(out, units[:3])
     first = out.read_bytes("index/ids.parquet")
     write_ids(out, units[:3])
@@ -165,7 +166,7 @@ def test_retriever_opens_without_per_row_objects_and_finds_rows(corpus, indexed)
 
 
 def test_id_table_arrays(corpus, indexed):
-    from mmdata.id_table import IdTable
+    from mmdata.index.ids import IdTable
 
     out, _, _ = indexed
     _, _, expected = corpus

@@ -17,11 +17,11 @@ from PIL import Image
 
 from mmdata.config import load_config
 from mmdata.errors import UserError
-from mmdata.finalize import finalize
-from mmdata.plan import load_plan
+from mmdata.pipeline.finalize import finalize
+from mmdata.pipeline.plan import load_plan
 from mmdata.schema import SHARD_SCHEMA
 from mmdata.storage import OutputDir
-from mmdata.verify import verify_output
+from mmdata.tools.verify import verify_output
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "pipelines", "configs", "augment_example.yaml")

@@ -6,12 +6,12 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import run_build
 from PIL import Image
 
-from conftest import run_build
 from mmdata.config import load_config
 from mmdata.errors import UserError
-from mmdata.plan import list_records
+from mmdata.pipeline.plan import list_records
 from mmdata.sources.folder import list_folder
 
 

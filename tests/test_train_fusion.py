@@ -10,9 +10,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import run_build
 from PIL import Image, ImageDraw
 
-from conftest import run_build
 from pipelines.train_fusion import evaluate, load_model, main, train
 
 TINY = dict(model="mmdata-tiny", pretrained="random", embed_batch_size=8)

@@ -5,8 +5,8 @@ shards) or online (in the loader), with randomness only from ``hash(seed, key, v
     view_image, applied = aug.image(image, key, view=1)        # offline view 1 → <key>_v01
     make_loader(out, augment=aug.image, seed=0)                 # online: per (seed, key, epoch)
 """
+from mmdata.augment.augmenter import Augmenter, view_key
 from mmdata.augment.config import AugmentConfig, load_augment_config
 from mmdata.augment.seeding import sample_seed
-from mmdata.augment.stage import Augmenter, view_key
 
 __all__ = ["Augmenter", "AugmentConfig", "load_augment_config", "sample_seed", "view_key"]

@@ -65,9 +65,9 @@ def print_summary(manifest: dict, out: str) -> None:
 def inspect(shard: str = typer.Argument(..., help="a .tar shard (any fsspec URL)"),
             as_json: bool = typer.Option(False, "--json", help="one JSON object per sample")) -> None:
     """List the samples of a shard and their members."""
-    from mmdata.inspect_shard import describe_shard
-
     import tarfile
+
+    from mmdata.tools.inspect import describe_shard
 
     try:
         samples = describe_shard(shard)
@@ -87,7 +87,7 @@ def inspect(shard: str = typer.Argument(..., help="a .tar shard (any fsspec URL)
 @app.command()
 def verify(out: str = typer.Argument(..., help="a build's output folder")) -> None:
     """Re-read every shard; check counts against sizes.json and the tables. Exit 1 on any mismatch."""
-    from mmdata.verify import verify_report
+    from mmdata.tools.verify import verify_report
 
     try:
         problems, checked = verify_report(out)
@@ -117,7 +117,7 @@ def embed(
     index: Optional[bool] = typer.Option(None, "--index/--no-index", help="rebuild the indexes (default on)"),
 ) -> None:
     """Re-embed existing shards with another model (reads the tars; no rebuild), then re-index."""
-    from mmdata.reembed import reembed
+    from mmdata.tools.reembed import reembed
 
     try:
         manifest = reembed(out, on_shard=lambda name, n: typer.echo(f"embedded {name}: {n} samples", err=True),
@@ -147,7 +147,7 @@ def search(
     """Nearest neighbours: text→image, image→image, audio→audio, text→audio (CLAP), key→neighbours, embedding→neighbours."""
     import numpy as np
 
-    from mmdata.retrieval import Retriever
+    from mmdata.search import Retriever
 
     given = [q for q in (text, image, key, embedding, audio) if q is not None]
     if len(given) != 1:

@@ -77,7 +77,7 @@ class LoadedModel:
 
 def _not_open_clips_random_warning(record: logging.LogRecord) -> bool:
     """open_clip warns "initialized randomly" in every process that loads random weights (inside
-    the progress bar); the build warns once itself (``mmdata.embedding.check_models``)."""
+    the progress bar); the build warns once itself (``mmdata.encoders.factory.check_models``)."""
     return "initialized randomly" not in record.getMessage()
 
 

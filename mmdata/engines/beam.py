@@ -24,7 +24,7 @@ from mmdata.config import BuildConfig
 from mmdata.errors import UserError
 from mmdata.records import Unit
 from mmdata.storage import OutputDir
-from mmdata.unit import plan_digest, read_committed
+from mmdata.pipeline.unit import plan_digest, read_committed
 
 FN_API_RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
 LOCAL_RUNNERS = {"fnapirunner", "directrunner", "switchingdirectrunner", "bundlebaseddirectrunner", "prismrunner"}

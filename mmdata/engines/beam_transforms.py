@@ -26,9 +26,9 @@ finally:
     logging.disable(_level)
 
 from mmdata.config import BuildConfig
+from mmdata.pipeline.unit import get_context, run_unit
 from mmdata.records import Unit
 from mmdata.storage import OutputDir
-from mmdata.unit import get_context, run_unit
 
 log = logging.getLogger("mmdata.beam")
 NAMESPACE = "mmdata"

@@ -22,8 +22,8 @@ from distributed.comm import connect
 
 from mmdata.config import BuildConfig
 from mmdata.errors import UserError
+from mmdata.pipeline.unit import run_unit
 from mmdata.records import Unit
-from mmdata.unit import run_unit
 
 CONNECT_TIMEOUT_S = 5.0
 

@@ -6,8 +6,8 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any, Callable, Sequence
 
 from mmdata.config import BuildConfig
+from mmdata.pipeline.unit import run_unit
 from mmdata.records import Unit
-from mmdata.unit import run_unit
 
 
 class LocalEngine:

@@ -1,6 +1,6 @@
 """Build one index from many workers: train once, add per group of files, merge, tune.
 
-The four steps an engine (Dask, Beam, ...) schedules (``mmdata.index_parts`` drives them in a
+The four steps an engine (Dask, Beam, ...) schedules (``mmdata.index.parts`` drives them in a
 build, through ``Engine.map_tasks``); this module imports neither:
 
     train_infos = train_index(all_sources, "trained.index")              # driver, once

@@ -15,7 +15,7 @@ import torch
 import torch.utils.data
 
 from mmdata.errors import UserError
-from mmdata.id_table import IdTable
+from mmdata.index.ids import IdTable
 from mmdata.loader.store import EmbeddingStore
 from mmdata.storage import OutputDir
 

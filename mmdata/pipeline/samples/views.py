@@ -28,7 +28,8 @@ from mmdata.augment import Augmenter, view_key
 from mmdata.config import BuildConfig
 from mmdata.errors import SampleFailed, SampleFiltered
 from mmdata.keys import key_to_id, sanitize_key
-from mmdata.process import Sample, Timer, as_sample_error, image_options, mark_not_written, write_json
+from mmdata.pipeline.samples.record import image_options
+from mmdata.pipeline.samples.sample import Sample, Timer, as_sample_error, mark_not_written, write_json
 from mmdata.transforms.image import encode
 from mmdata.writers.npy import npy_bytes
 

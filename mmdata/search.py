@@ -18,10 +18,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from mmdata.errors import UserError
-from mmdata.id_table import IdTable
+from mmdata.index.ids import IdTable
 from mmdata.storage import OutputDir, read_bytes
 from mmdata.transforms.image import to_rgb
-
 
 TIE_EXTRA = 8  # results fetched beyond k, to see whether the k-th score is tied with later ones
 TIE_TOL = 1e-6  # relative: scores this close are equal (the same vector scored in another batch)
@@ -148,7 +147,7 @@ class Retriever:
             built = f"CLAP {facts['model']}" if facts.get("model") else facts["name"]
             raise UserError(f"the audio index was built with {built}; a query embedded with {model} would not be comparable")
         if self._audio_encoder is None:
-            from mmdata.embedding import audio_encoder_facts, audio_encoder_from_facts
+            from mmdata.encoders.factory import audio_encoder_facts, audio_encoder_from_facts
 
             try:
                 enc = audio_encoder_from_facts(facts, device=self.device)

@@ -19,14 +19,23 @@ import os
 import posixpath
 import tempfile
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 from mmdata.config import BuildConfig
-from mmdata.indexing import unit_source, written_ids
+from mmdata.index.ids import unit_source, written_ids
 from mmdata.storage import OutputDir
 
-if TYPE_CHECKING:
-    from mmdata.engines.base import Engine
+
+class TaskMapper(Protocol):
+    """What the distributed build needs of an engine (``mmdata.engines.base.Engine`` is one): run a
+    module-level function over small items where the units run. Declared here so that the index
+    layer never imports the engines above it."""
+
+    @property
+    def parallelism(self) -> int: ...
+
+    def map_tasks(self, fn: Callable[[Any], Any], items: Sequence[Any], *, name: str) -> list: ...
+
 
 PARTS = "index/parts"
 PARTS_PER_WORKER = 4  # a few tasks per worker, so one slow group does not hold up the merge
@@ -106,7 +115,7 @@ class DistributedBuild:
     """The distributed builds of one finalize: ``train`` each modality here, then ``run`` adds every
     modality's parts in one engine map (one Beam pipeline, one batch of Dask tasks) and merges."""
 
-    def __init__(self, config: BuildConfig, out: OutputDir, root: str, engine: Optional["Engine"]):
+    def __init__(self, config: BuildConfig, out: OutputDir, root: str, engine: Optional["TaskMapper"]):
         self.config, self.out, self.root, self.engine = config, out, root, engine
         self.url = out.root if out.local else out.url  # absolute: workers may run elsewhere
         self.pending: list[_Pending] = []

@@ -10,13 +10,13 @@ import time
 from collections import Counter
 from importlib import metadata
 
-from mmdata import __version__
 from mmdata.config import BuildConfig
 from mmdata.errors import UserError
+from mmdata.pipeline.unique_ids import duplicate_ids
+from mmdata.pipeline.unit import plan_digest, read_committed
 from mmdata.records import Unit
 from mmdata.storage import OutputDir
-from mmdata.unique_ids import duplicate_ids
-from mmdata.unit import plan_digest, read_committed
+from mmdata.version import __version__
 
 VERSIONED = ("pillow", "numpy", "pyarrow", "webdataset", "open_clip_torch", "torch", "faiss-cpu", "faiss-gpu",
              "ftfy", "fsspec", "soundfile", "soxr", "librosa", "apache-beam", "dask", "distributed")
@@ -134,7 +134,7 @@ def finalize(config: BuildConfig, out: OutputDir, units: list[Unit], wall_second
         manifest["embeddings"] = embeddings_facts(config, all_stats)
         if config.index:
             started = time.perf_counter()
-            from mmdata.indexing import build_indexes
+            from mmdata.index.step import build_indexes
 
             infos = build_indexes(config, out, units, engine)
             manifest["index"] = {m: {k: i.get(k) for k in ("index_key", "n", "recall_at_10")} for m, i in infos.items()}

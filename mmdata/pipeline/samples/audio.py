@@ -21,14 +21,21 @@ import numpy as np
 from mmdata.config import BuildConfig
 from mmdata.errors import SampleFailed, SampleFiltered, UserError
 from mmdata.keys import key_to_id, sanitize_key
-from mmdata.process import Sample, Timer, as_sample_error, mark_not_written, read_source, write_json
+from mmdata.pipeline.samples.sample import Sample, Timer, as_sample_error, mark_not_written, read_source, write_json
 from mmdata.transforms.text import clean_caption, decode_text
 from mmdata.writers.npy import npy_bytes
 
 try:
     from mmdata.sources.transcripts import PlannedSegment, cut, parse_transcript, plan_segments
-    from mmdata.transforms.audio import (_EXT_CONTAINERS, decode_audio, downmix, encode_flac, log_mel, process_audio,
-                                         resample)
+    from mmdata.transforms.audio import (
+        _EXT_CONTAINERS,
+        decode_audio,
+        downmix,
+        encode_flac,
+        log_mel,
+        process_audio,
+        resample,
+    )
     from mmdata.transforms.audio_window import WindowedAudio, probe_header
 except ImportError as _exc:  # soundfile, soxr, librosa, srt, webvtt-py: the 'audio' extra
     _MISSING: Optional[ImportError] = _exc
@@ -57,7 +64,7 @@ def looks_like_transcript(doc: Any) -> bool:
             and any("start" in x or "end" in x for x in doc))
 
 
-class AudioStage:
+class AudioProcessor:
     """Decodes, cuts and encodes the audio of one configuration (built once per worker process)."""
 
     def __init__(self, config: BuildConfig):

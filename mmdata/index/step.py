@@ -7,108 +7,17 @@ modality's embedding file; they are left out of its index. Each index is built i
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import tempfile
-from typing import TYPE_CHECKING, Iterator, Optional
-
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
+from typing import Iterator, Optional
 
 from mmdata.config import BuildConfig
 from mmdata.errors import UserError
+from mmdata.index.ids import unit_source, write_ids
+from mmdata.index.parts import DistributedBuild, TaskMapper
 from mmdata.records import Unit
 from mmdata.storage import OutputDir
-from mmdata.unit import embedding_file, shard_files
-
-if TYPE_CHECKING:
-    from mmdata.engines.base import Engine
-
-IDS_SCHEMA = pa.schema([
-    pa.field("id", pa.int64(), nullable=False),
-    pa.field("key", pa.string(), nullable=False),
-    pa.field("shard", pa.string(), nullable=False),
-    pa.field("row", pa.int32(), nullable=False),
-    pa.field("caption", pa.string()),
-])
-
-
-ROW_GROUP_ROWS = 1 << 17  # rows per row group of ids.parquet: what its writer holds at most, beyond one shard
-
-
-def _written(out: OutputDir, name: str, columns: list[str]) -> pa.Table:
-    """``columns`` of unit ``name``'s written samples, in row order."""
-    table = pq.read_table(io.BytesIO(out.read_bytes(shard_files(name)["parquet"])), columns=[*columns, "status"])
-    return table.filter(pc.equal(table.column("status"), "written")).select(columns)
-
-
-def written_table(out: OutputDir, name: str) -> pa.Table:
-    """Unit ``name``'s rows of ids.parquet (``IDS_SCHEMA``): id, key, shard, row, caption of its
-    written samples, in row order."""
-    table = _written(out, name, ["id", "key", "row", "caption"])
-    columns = {"id": table.column("id"), "key": table.column("key"), "shard": pa.repeat(f"{name}.tar", table.num_rows),
-               "row": table.column("row"), "caption": table.column("caption")}
-    return pa.table({f.name: columns[f.name].cast(f.type) for f in IDS_SCHEMA}, schema=IDS_SCHEMA)
-
-
-def write_ids(out: OutputDir, units: list[Unit]) -> dict[str, np.ndarray]:
-    """Write ``index/ids.parquet`` (the written samples, in shard then row order) one shard at a time;
-    return each unit's written ids, in row order (the rows of its embedding files).
-
-    Row groups hold ``ROW_GROUP_ROWS`` rows (the last one the rest), so the bytes depend only on the
-    rows, not on how they were read: the same shards give the same file on every engine.
-    """
-    ids: dict[str, np.ndarray] = {}
-    with out.atomic_open("index/ids.parquet") as fh, pq.ParquetWriter(fh, IDS_SCHEMA, compression="zstd") as writer:
-        pending: list[pa.Table] = []
-        n_pending, n_written = 0, 0
-        for unit in units:
-            table = written_table(out, unit.name)
-            ids[unit.name] = np.asarray(table.column("id").to_numpy(), dtype=np.int64)
-            pending.append(table)
-            n_pending += table.num_rows
-            while n_pending >= ROW_GROUP_ROWS:
-                buffered = pa.concat_tables(pending)
-                writer.write_table(buffered.slice(0, ROW_GROUP_ROWS).combine_chunks())
-                rest = buffered.slice(ROW_GROUP_ROWS)
-                pending, n_pending, n_written = [rest], rest.num_rows, n_written + ROW_GROUP_ROWS
-        if n_pending or not n_written:  # the rest; an empty corpus still gets one (empty) row group
-            writer.write_table(pa.concat_tables(pending).combine_chunks() if pending else IDS_SCHEMA.empty_table())
-    return ids
-
-
-def written_ids(out: OutputDir, name: str) -> np.ndarray:
-    """The ids of unit ``name``'s written samples, in row order (the rows of its embedding files)."""
-    return np.asarray(_written(out, name, ["id"]).column("id").to_numpy(), dtype=np.int64)
-
-
-def unit_source(out: OutputDir, modality: str, name: str, ids: np.ndarray, scratch: str):
-    """Unit ``name``'s ``modality`` embeddings as an EmbeddingSource of a local file, or None if it has none.
-
-    Remote files are fetched into ``scratch``; zero rows (samples without the modality) are dropped
-    into a scratch copy.
-    """
-    from mmdata.index import EmbeddingSource
-
-    if not len(ids):
-        return None
-    rel = embedding_file(modality, name)
-    if out.local:
-        path = out.path(rel)
-    else:
-        path = os.path.join(scratch, rel.replace("/", "_"))
-        out.fs.get_file(out.path(rel), path)
-    rows = np.load(path, mmap_mode="r")
-    present = np.flatnonzero(np.any(rows != 0, axis=1))
-    if len(present) < len(ids):  # samples without this modality: index only the others
-        path = os.path.join(scratch, f"{modality}_{name}.npy")
-        np.save(path, np.asarray(rows[present]))
-        ids = ids[present]
-    return EmbeddingSource(path, ids) if len(ids) else None
-
 
 NOT_MERGEABLE = ("index_distributed 'on' needs an index that merges (Flat or IVF…); {key!r} does not: "
                  "use index_distributed 'off' or 'auto'")
@@ -155,14 +64,13 @@ def local_dir(out: OutputDir) -> Iterator[str]:
         yield tmp
 
 
-def build_indexes(config: BuildConfig, out: OutputDir, units: list[Unit], engine: Optional["Engine"] = None) -> dict:
+def build_indexes(config: BuildConfig, out: OutputDir, units: list[Unit], engine: Optional["TaskMapper"] = None) -> dict:
     """Write ids.parquet, the indexes and index_infos.json; return the infos by modality.
 
     ``engine`` (the build's, still open) runs the distributed builds; without one they run here.
     """
     from mmdata.index import build_index, check_index_key, choose_index, faiss_reason
     from mmdata.index.sources import validate_sources
-    from mmdata.index_parts import DistributedBuild
 
     ids_by_unit = write_ids(out, units)
     infos: dict[str, dict] = {}

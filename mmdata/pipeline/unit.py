@@ -12,17 +12,19 @@ import time
 from collections import Counter
 from typing import Optional
 
-from mmdata import __version__
 from mmdata.config import BuildConfig
-from mmdata.embedding import (AudioEmbedder, ImageEmbedder, audio_encoder_facts, embed_samples, make_audio_encoder,
-                              make_encoder)
+from mmdata.encoders.factory import audio_encoder_facts, make_audio_encoder, make_encoder
 from mmdata.keys import key_to_id, sanitize_key
-from mmdata.process import RecordProcessor, Sample, Timer, write_json
+from mmdata.layout import embedding_file, shard_files
+from mmdata.pipeline.samples.embed import AudioEmbedder, ImageEmbedder, embed_samples
+from mmdata.pipeline.samples.record import RecordProcessor
+from mmdata.pipeline.samples.sample import Sample, Timer, write_json
+from mmdata.pipeline.samples.views import ViewMaker, embeds, is_view, rekey_views
 from mmdata.records import Unit
 from mmdata.schema import SHARD_SCHEMA
 from mmdata.storage import OutputDir
 from mmdata.transforms.tokenize import get_tokenizer, tokenize_npy
-from mmdata.views import ViewMaker, embeds, is_view, rekey_views
+from mmdata.version import __version__
 from mmdata.writers.npy import npy_bytes
 from mmdata.writers.table import table_bytes
 from mmdata.writers.tar import write_tar
@@ -50,14 +52,6 @@ def get_context(config: BuildConfig) -> UnitContext:
     if key not in _CONTEXTS:
         _CONTEXTS[key] = UnitContext(config)
     return _CONTEXTS[key]
-
-
-def shard_files(name: str) -> dict[str, str]:
-    return {"tar": f"shards/{name}.tar", "parquet": f"shards/{name}.parquet", "stats": f"shards/{name}_stats.json"}
-
-
-def embedding_file(modality: str, name: str) -> str:
-    return f"embeddings/{modality}/{name}.npy"
 
 
 def plan_digest(unit: Unit) -> str:

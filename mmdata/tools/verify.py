@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmdata.errors import UserError
+from mmdata.pipeline.unique_ids import duplicate_ids
 from mmdata.storage import OutputDir
-from mmdata.unique_ids import duplicate_ids
 from mmdata.writers.tar import read_tar_samples
 
 STATUSES = ("written", "filtered", "failed")

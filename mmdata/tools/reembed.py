@@ -14,14 +14,16 @@ from typing import Any, Callable, Optional
 from PIL import Image, UnidentifiedImageError
 
 from mmdata.config import BuildConfig
-from mmdata.embedding import embed_samples, make_encoder
+from mmdata.encoders.factory import make_encoder
 from mmdata.errors import UserError
-from mmdata.finalize import embeddings_facts
-from mmdata.plan import load_plan
+from mmdata.layout import embedding_file, shard_files
+from mmdata.pipeline.finalize import embeddings_facts
+from mmdata.pipeline.plan import load_plan
+from mmdata.pipeline.samples.embed import embed_samples
+from mmdata.pipeline.samples.views import unembedded_view
+from mmdata.pipeline.unit import ENCODER_FACTS
 from mmdata.storage import OutputDir
 from mmdata.transforms.image import to_rgb
-from mmdata.unit import ENCODER_FACTS, embedding_file, shard_files
-from mmdata.views import unembedded_view
 from mmdata.writers.npy import npy_bytes
 from mmdata.writers.tar import read_tar_samples
 
@@ -78,7 +80,7 @@ def reembed(out_url: str, on_shard: Callable[[str, int], None] = lambda name, n:
     out.remove("index")  # the old indexes belong to the old model (with --no-index: no index at all)
     manifest.pop("index", None)
     if config.index:
-        from mmdata.indexing import build_indexes
+        from mmdata.index.step import build_indexes
 
         infos = build_indexes(config, out, units)
         manifest["index"] = {m: {k: i.get(k) for k in ("index_key", "n", "recall_at_10")} for m, i in infos.items()}

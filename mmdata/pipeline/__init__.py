@@ -1,0 +1,1 @@
+"""The build's flow: plan the corpus into units, run each unit, finalize the output."""

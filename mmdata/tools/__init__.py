@@ -1,0 +1,1 @@
+"""Tools that read a finished output: verify, inspect, re-embed."""
