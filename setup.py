@@ -31,11 +31,12 @@ setup(
     name="mmdata",
     version="0.1.0",
     description=__doc__,
-    # the data folders are listed as packages of their own, so setuptools does not warn that they
-    # are "absent from the packages configuration"
-    packages=find_packages(include=["mmdata", "mmdata.*", "pipelines", "pipelines.*"])
-    + ["mmdata.encoders.model_configs", "pipelines.configs"],
-    package_data={"mmdata.encoders.model_configs": ["*.json"], "pipelines.configs": ["*.yaml"]},
+    # only the library: pipelines/ holds programs run from the repository (python -m pipelines.…), never
+    # imported by mmdata, so it is not installed as a generic top-level package. The data folder is
+    # listed as a package of its own, so setuptools does not warn that it is "absent from the packages
+    # configuration".
+    packages=find_packages(include=["mmdata", "mmdata.*"]) + ["mmdata.encoders.model_configs"],
+    package_data={"mmdata.encoders.model_configs": ["*.json"]},
     python_requires=">=3.10",
     install_requires=CORE,
     extras_require=EXTRAS,
