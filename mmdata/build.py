@@ -36,9 +36,9 @@ def build(config: BuildConfig) -> dict:
     skipped: set[str] = set()
     if resumed:  # committed units are not handed to the engine: the bar and counts show this run's work
         skipped = {u.name for u in units
-                   if read_committed(out, u.name, config.config_hash, config.embedded_modalities) is not None}
+                   if read_committed(out, u.name, config.config_hash, config.embedded_modalities, u.digest) is not None}
     todo = [u for u in units if u.name not in skipped]
-    total = sum(len(u.records) for u in todo)
+    total = sum(u.n_records for u in todo)
     if resumed and config.progress:
         print(f"resuming {out.url}: {resume_line(len(skipped), len(units))} (--overwrite to rebuild)", file=sys.stderr)
     engine = get_engine(config)

@@ -76,3 +76,33 @@ class Unit:
     @property
     def name(self) -> str:
         return f"{self.index:05d}"
+
+    @property
+    def n_records(self) -> int:
+        return len(self.records)
+
+
+@dataclass(frozen=True)
+class UnitRef:
+    """A planned unit as the driver and the engines see it: its index (its row group of ``plan.parquet``),
+    how many records it holds and its plan digest. The worker that runs it reads its records."""
+
+    index: int
+    n_records: int
+    digest: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.index:05d}"
+
+
+class UnitIndex(int):
+    """A unit's index alone, with a unit's ``index`` and ``name``: what the Beam graph carries per unit."""
+
+    @property
+    def index(self) -> int:
+        return int(self)
+
+    @property
+    def name(self) -> str:
+        return f"{int(self):05d}"

@@ -11,7 +11,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 from mmdata.config import BuildConfig
 from mmdata.errors import UserError
-from mmdata.records import Unit
+from mmdata.records import UnitRef
 
 ENGINES = {
     "local": "mmdata.engines.local:LocalEngine",
@@ -22,7 +22,7 @@ EXTRA_OF = {"dask": "dask", "beam": "beam"}
 
 
 class Engine(Protocol):
-    def map_units(self, config: BuildConfig, units: list[Unit], on_done: Callable[[dict], None]) -> list[dict]:
+    def map_units(self, config: BuildConfig, units: list[UnitRef], on_done: Callable[[dict], None]) -> list[dict]:
         """Run every unit; call ``on_done(stats)`` as each commits; return all stats."""
 
     @property

@@ -22,7 +22,7 @@ from apache_beam.runners.runner import PipelineState, create_runner
 
 from mmdata.config import BuildConfig
 from mmdata.errors import UserError
-from mmdata.records import Unit
+from mmdata.records import UnitRef
 from mmdata.storage import OutputDir
 from mmdata.pipeline.unit import plan_digest, read_committed
 
@@ -77,7 +77,7 @@ class BeamEngine:
             print("warning: Beam workers must import mmdata: ship it with --setup_file ./setup.py or run "
                   "an --sdk_container_image that has it installed", file=sys.stderr)
 
-    def map_units(self, config: BuildConfig, units: list[Unit], on_done: Callable[[dict], None]) -> list[dict]:
+    def map_units(self, config: BuildConfig, units: list[UnitRef], on_done: Callable[[dict], None]) -> list[dict]:
         pipeline = Pipeline(runner=self.runner, options=self.options)
         _ = pipeline | "BuildShards" >> BuildShards(config, units)
         self.counters = read_counters(run_to_the_end(pipeline))

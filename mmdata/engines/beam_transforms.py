@@ -2,7 +2,10 @@
 
 The pipeline is
 
-    Create(units) → Reshuffle → ParDo(RunUnitDoFn) → CombineGlobally(MergeUnitStats) → CheckTotals
+    Create(ranges of unit indices) → FlatMap(indices) → Reshuffle → ParDo(RunUnitDoFn) → CombineGlobally(MergeUnitStats) → CheckTotals
+
+The job graph holds only ranges of unit indices: each worker reads its unit's records from its own row
+group of ``OUT/plan.parquet``, so the graph stays a few KB whatever the corpus (Dataflow refuses ~10 MB).
 
 ``RunUnitDoFn.setup`` builds the per-process context (transforms, tokenizer, encoder model) once per worker.
 A retried bundle re-runs whole units: ``run_unit`` skips committed units and writes everything under a
@@ -27,7 +30,7 @@ finally:
 
 from mmdata.config import BuildConfig
 from mmdata.pipeline.unit import get_context, run_unit
-from mmdata.records import Unit
+from mmdata.records import UnitIndex, UnitRef
 from mmdata.storage import OutputDir
 
 log = logging.getLogger("mmdata.beam")
@@ -36,7 +39,7 @@ STATUSES = ("written", "filtered", "failed")
 
 
 class RunUnitDoFn(beam.DoFn):
-    """Unit in, shard committed, the unit's stats out. Counts records by status and reason in Beam metrics."""
+    """Unit index in, shard committed, the unit's stats out. Counts records by status and reason in Beam metrics."""
 
     def __init__(self, config: BuildConfig):
         self.config = config
@@ -44,7 +47,7 @@ class RunUnitDoFn(beam.DoFn):
     def setup(self) -> None:
         get_context(self.config)  # once per worker process: transforms, tokenizer, encoder model
 
-    def process(self, unit: Unit) -> Iterator[dict]:
+    def process(self, unit: UnitIndex) -> Iterator[dict]:
         stats = run_unit(self.config, unit)
         Metrics.counter(NAMESPACE, "units_skipped" if stats.get("skipped") else "units_run").inc()
         for status in STATUSES:
@@ -92,23 +95,41 @@ def check_totals(merged: dict, units: int, inputs: int) -> dict:
     return merged
 
 
-class BuildShards(beam.PTransform):
-    """The whole shard stage as one transform: planned units in, the build's merged stats out."""
+def index_ranges(indices: Iterable[int]) -> list[tuple[int, int]]:
+    """Sorted unit indices as ``(start, stop)`` runs: ``[0, 1, 2, 5]`` → ``[(0, 3), (5, 6)]``."""
+    ranges: list[list[int]] = []
+    for i in sorted(indices):
+        if ranges and ranges[-1][1] == i:
+            ranges[-1][1] = i + 1
+        else:
+            ranges.append([i, i + 1])
+    return [(a, b) for a, b in ranges]
 
-    def __init__(self, config: BuildConfig, units: list[Unit]):
+
+def expand_range(bounds: tuple[int, int]) -> Iterator[UnitIndex]:
+    for i in range(*bounds):
+        yield UnitIndex(i)
+
+
+class BuildShards(beam.PTransform):
+    """The whole shard stage as one transform: planned units' indices in, the build's merged stats out."""
+
+    def __init__(self, config: BuildConfig, units: list[UnitRef]):
         super().__init__()
         self.config = config
-        self.units = units
+        self.ranges = index_ranges(u.index for u in units)
+        self.n_units = len(units)
+        self.inputs = sum(u.n_records for u in units)
 
     def expand(self, pbegin):
-        inputs = sum(len(u.records) for u in self.units)
         return (
             pbegin
-            | "Units" >> beam.Create(self.units, reshuffle=False)
+            | "Units" >> beam.Create(self.ranges, reshuffle=False)
+            | "Indices" >> beam.FlatMap(expand_range)
             | "Spread" >> beam.Reshuffle()
             | "RunUnit" >> beam.ParDo(RunUnitDoFn(self.config))
             | "MergeStats" >> beam.CombineGlobally(MergeUnitStats())
-            | "CheckTotals" >> beam.Map(check_totals, len(self.units), inputs)
+            | "CheckTotals" >> beam.Map(check_totals, self.n_units, self.inputs)
         )
 
 

@@ -1,6 +1,7 @@
 """The Dask engine: one task per work unit on a Dask cluster (``--dask-address``) or a LocalCluster.
 
-Tasks carry only the config and the unit (a few KB); models are loaded in the worker process by
+Tasks carry only the config and the unit's index, size and digest (a few KB; the worker reads the unit's
+records from its row group of the plan); models are loaded in the worker process by
 ``run_unit``'s per-process context, once. Units that need an accelerator ask for a Dask resource
 (``--dask-gpu-resource GPU`` → each task holds ``GPU=1`` while it runs), so they land only on
 workers started with ``--resources GPU=1`` and never two at a time on one GPU. The resource is an
@@ -23,7 +24,7 @@ from distributed.comm import connect
 from mmdata.config import BuildConfig
 from mmdata.errors import UserError
 from mmdata.pipeline.unit import run_unit
-from mmdata.records import Unit
+from mmdata.records import UnitRef
 
 CONNECT_TIMEOUT_S = 5.0
 
@@ -99,7 +100,7 @@ class DaskEngine:
     def _window(self) -> int:
         return max(4, 2 * sum(self.client.nthreads().values()))
 
-    def map_units(self, config: BuildConfig, units: list[Unit], on_done: Callable[[dict], None]) -> list[dict]:
+    def map_units(self, config: BuildConfig, units: list[UnitRef], on_done: Callable[[dict], None]) -> list[dict]:
         # Task keys name the unit, the config and the output (self.tag), so two builds on one scheduler
         # never share a task.
         queue = list(reversed(units))

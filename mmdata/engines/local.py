@@ -7,7 +7,7 @@ from typing import Any, Callable, Sequence
 
 from mmdata.config import BuildConfig
 from mmdata.pipeline.unit import run_unit
-from mmdata.records import Unit
+from mmdata.records import UnitRef
 
 
 class LocalEngine:
@@ -22,7 +22,7 @@ class LocalEngine:
         self.workers = config.n_workers
         self.pool = None
 
-    def map_units(self, config: BuildConfig, units: list[Unit], on_done: Callable[[dict], None]) -> list[dict]:
+    def map_units(self, config: BuildConfig, units: list[UnitRef], on_done: Callable[[dict], None]) -> list[dict]:
         if self.workers == 1 or len(units) <= 1:
             results = []
             for unit in units:

@@ -100,8 +100,8 @@ def finalize(config: BuildConfig, out: OutputDir, units: list[Unit], wall_second
         stats = read_committed(out, unit.name, config.config_hash, config.embedded_modalities, plan_digest(unit))
         if stats is None:
             raise UserError(f"unit {unit.name} is not committed; run the build again to finish it")
-        if stats["counts"].get("records") != len(unit.records):
-            raise UserError(f"unit {unit.name} accounts for {stats['counts'].get('records')} of {len(unit.records)} records")
+        if stats["counts"].get("records") != unit.n_records:
+            raise UserError(f"unit {unit.name} accounts for {stats['counts'].get('records')} of {unit.n_records} records")
         all_stats.append(stats)
     duplicates = duplicate_ids(out, [unit.name for unit in units], limit=1)
     if duplicates:

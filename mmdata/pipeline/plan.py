@@ -5,35 +5,30 @@ the same units whatever happened to the listing since.
 """
 from __future__ import annotations
 
-import io
+import hashlib
 import json
+import os
 import re
-from collections import Counter
+import tempfile
 
 import fsspec
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from mmdata.config import RUNTIME_FIELDS, BuildConfig
 from mmdata.errors import UserError
-from mmdata.keys import key_to_id, unique_keys
-from mmdata.records import Record, Unit
+from mmdata.keys import keys_to_ids, sanitize_keys, unique_keys_arrow
+from mmdata.records import Record, Unit, UnitRef
 from mmdata.schema import PLAN_SCHEMA
-from mmdata.sources.folder import list_folder
-from mmdata.sources.manifest import manifest_format, read_manifest
+from mmdata.sources.folder import walk_folder
+from mmdata.sources.manifest import manifest_format, read_manifest_batches
 from mmdata.storage import OutputDir
 
 PLAN_FILE = "plan.parquet"
-
-
-def _dedupe(raws: list[str]) -> list[str]:
-    """Make repeated raw keys distinct by their occurrence number (manifest order)."""
-    seen: Counter = Counter()
-    out = []
-    for raw in raws:
-        out.append(raw if seen[raw] == 0 else f"{raw}#{seen[raw]}")
-        seen[raw] += 1
-    return out
+UNIT_DIGESTS = "unit_digests"  # plan.parquet metadata: the units' plan digests, in unit order
 
 
 def check_input(url: str) -> None:
@@ -48,31 +43,14 @@ def check_input(url: str) -> None:
 
 
 def list_records(config: BuildConfig) -> list[Record]:
-    """All records of the input, sorted by key."""
-    check_input(config.input)
-    fs, path = fsspec.core.url_to_fs(config.input)
-    fmt = manifest_format(config.input)
-    if fmt and fs.isfile(path):
-        rows = read_manifest(config.input, config.image_col, config.text_col, config.key_col)
-        keys = unique_keys(_dedupe([r[0] for r in rows]))
-        records = [Record(k, key_to_id(k), sources=s, caption=c, meta=m) for k, (_, s, c, m) in zip(keys, rows)]
-    elif fs.isdir(path):
-        groups = list_folder(config.input, exclude=config.out)
-        keys = unique_keys([g[0] for g in groups])
-        records = [
-            Record(k, key_to_id(k), sources=s, warnings=w, problem=p) for k, (_, s, w, p) in zip(keys, groups)
-        ]
-    else:
-        raise UserError(f"input {config.input} is neither a folder nor a manifest (.parquet .csv .tsv .jsonl)")
-    if not records:
-        raise UserError(f"input {config.input} holds no records (empty folder or manifest)")
-    records.sort(key=lambda r: r.key)
-    reserve_derived_keys(records)
-    return records
+    """All records of the input, sorted by key (for small corpora and tests: a build never holds them all)."""
+    with tempfile.TemporaryDirectory(prefix="mmdata-plan-") as tmp:
+        return [r for table in planned_units(config, tmp) for r in table_records(table)]
 
 
 _VIEW = re.compile(r"(.+)_v\d{2,}")
 _SEGMENT = re.compile(r"(.+)_s\d{4,}(?:_p\d{2,})?")
+_DERIVED = r"^.+_(v\d{2,}|s\d{4,}(_p\d{2,})?)$"  # keys that a view or a segment of another key could take
 
 
 def reserve_derived_keys(records: list[Record]) -> None:
@@ -83,91 +61,315 @@ def reserve_derived_keys(records: list[Record]) -> None:
     on the set of keys: stable across runs."""
     by_key = {r.key: r for r in records}
     for key in by_key:
-        parents = []
-        rest = key
-        m = _VIEW.fullmatch(key)
-        if m:
-            parents.append(m[1])
-            rest = m[1]
-        m = _SEGMENT.fullmatch(rest)
-        if m:
-            parents.append(m[1])
-        for parent in parents:
+        for parent in _parents(key):
             if parent in by_key and parent != key:
                 by_key[parent].reserved.append(key)
+
+
+def _parents(key: str) -> list[str]:
+    parents = []
+    rest = key
+    m = _VIEW.fullmatch(key)
+    if m:
+        parents.append(m[1])
+        rest = m[1]
+    m = _SEGMENT.fullmatch(rest)
+    if m:
+        parents.append(m[1])
+    return parents
+
+
+def reserved_column(keys: pa.Array) -> pa.Array:
+    """``reserve_derived_keys`` for the sorted key array ``keys``: each row's list of derived keys (null
+    when none). Only keys that look derived are looked at in Python; parents are found by Arrow."""
+    n = len(keys)
+    derived = pc.fill_null(pc.match_substring_regex(keys, _DERIVED), False)
+    none = pa.nulls(n, pa.list_(pa.string()))
+    if not pc.any(derived).as_py():
+        return none
+    cand = pc.unique(keys.filter(derived)).to_pylist()  # sorted, as keys are
+    pairs = [(p, k) for k in cand for p in _parents(k) if p != k]
+    if not pairs:
+        return none
+    parents = pa.array([p for p, _ in pairs], pa.string())
+    # the last row holding the parent's key (``by_key`` keeps the last record of a key)
+    where = pc.index_in(parents, value_set=keys[::-1])
+    found = pc.is_valid(where)
+    if not pc.any(found).as_py():
+        return none
+    rows = (n - 1) - where.filter(found).to_numpy().astype(np.int64)
+    children = np.array([k for (_, k), f in zip(pairs, found.to_pylist()) if f], dtype=object)
+    order = np.argsort(rows, kind="stable")  # per row, children in key order (cand is sorted)
+    rows, children = rows[order], children[order]
+    counts = np.bincount(rows, minlength=n)
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(counts, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(children.tolist(), pa.string()),
+                                    mask=pa.array(counts == 0))
+
+
+def _sorted_keys(raws: pa.Array, is_manifest: bool) -> tuple[pa.Array, pa.Array]:
+    """The records' keys in sorted order, and the sort (listing row of each sorted key): ``_dedupe``
+    (manifests) then ``unique_keys`` of the raw names, then a stable sort. Equal neighbours after one
+    sort of the sanitised names show whether there is anything to dedupe or disambiguate at all."""
+    keys = sanitize_keys(raws)
+    order = pc.sort_indices(keys)  # stable: equal keys keep their listing order
+    keys = keys.take(order)
+    n = len(keys)
+    if n > 1 and pc.any(pc.equal(keys.slice(1), keys.slice(0, n - 1))).as_py():
+        raws = _dedupe_arrow(raws) if is_manifest else raws
+        keys = unique_keys_arrow(raws)
+        order = pc.sort_indices(keys)
+        keys = keys.take(order)
+    return keys, order
+
+
+def _dedupe_arrow(raws: pa.Array) -> pa.Array:
+    """``_dedupe`` of an Arrow string array: the n-th repeat of a raw key (manifest order) gets ``#n``."""
+    n = len(raws)
+    if n < 2 or pc.count_distinct(raws).as_py() == n:
+        return raws
+    order = pc.sort_indices(raws)  # stable: repeats keep their manifest order
+    s = raws.take(order)
+    same = np.zeros(n, dtype=bool)
+    same[1:] = pc.equal(s.slice(1), s.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+    if not same.any():
+        return raws
+    starts = np.maximum.accumulate(np.where(~same, np.arange(n), 0))
+    occurrence = np.empty(n, dtype=np.int64)
+    occurrence[order.to_numpy()] = np.arange(n) - starts
+    repeat = occurrence > 0
+    suffix = pa.array(occurrence, mask=~repeat).cast(pa.string())
+    return pc.if_else(pa.array(repeat), pc.binary_join_element_wise(raws, suffix, "#"), raws)
+
+
+PAYLOAD_SCHEMA = pa.schema([PLAN_SCHEMA.field(name) for name in ("sources", "caption", "meta", "problem", "warnings")])
+BUCKET_ROWS = 1 << 20  # rows sorted in memory at once when the plan is cut into units (a multiple of units)
+
+
+def _input_batches(config: BuildConfig):
+    """The input's records as Arrow tables (``raw_key`` + PAYLOAD_SCHEMA), in listing order; whether it is a manifest."""
+    check_input(config.input)
+    fs, path = fsspec.core.url_to_fs(config.input)
+    fmt = manifest_format(config.input)
+    if fmt and fs.isfile(path):
+        batches = read_manifest_batches(config.input, config.image_col, config.text_col, config.key_col)
+        return (t.append_column("problem", pa.nulls(t.num_rows, pa.string()))
+                 .append_column("warnings", pa.array([[]] * t.num_rows, pa.list_(pa.string()))) for t in batches), True
+    if fs.isdir(path):
+        return walk_folder(config.input, exclude=config.out), False
+    raise UserError(f"input {config.input} is neither a folder nor a manifest (.parquet .csv .tsv .jsonl)")
+
+
+def planned_units(config: BuildConfig, tmp: str):
+    """The plan, unit by unit: one PLAN_SCHEMA table per unit, in unit order.
+
+    The driver holds, for every record, only its key, id and sort position (what Arrow needs to sort):
+    the rest of each record (sources, caption, metadata) is spilled under ``tmp`` as it is listed, then
+    re-read in buckets of BUCKET_ROWS sorted rows. Nothing is one Python object per record."""
+    batches, is_manifest = _input_batches(config)
+    raw_chunks, n = [], 0
+    payload_path = os.path.join(tmp, "payload.arrow")
+    with pa.OSFile(payload_path, "wb") as sink, ipc.new_file(sink, PAYLOAD_SCHEMA) as writer:
+        for t in batches:
+            raw_chunks.append(t.column("raw_key").combine_chunks())
+            writer.write_table(t.select(PAYLOAD_SCHEMA.names).cast(PAYLOAD_SCHEMA))
+            n += t.num_rows
+    if not n:
+        raise UserError(f"input {config.input} holds no records (empty folder or manifest)")
+    raws = pa.concat_arrays(raw_chunks)
+    del raw_chunks
+    keys, order = _sorted_keys(raws, is_manifest)
+    del raws
+    ids = pa.array(keys_to_ids(keys))
+    reserved = reserved_column(keys)
+    sps = config.samples_per_shard
+    per_bucket = max(sps, BUCKET_ROWS // sps * sps)
+    with pa.OSFile(payload_path, "rb") as src:
+        reader = ipc.open_file(src)
+        if n <= per_bucket:
+            buckets = iter([reader.read_all().take(order)])
+        else:
+            buckets = _bucketed(reader, order.to_numpy(), n, per_bucket, tmp)
+        del order
+        start = 0
+        for payload in buckets:
+            for lo in range(0, payload.num_rows, sps):
+                size = min(sps, payload.num_rows - lo)
+                part = payload.slice(lo, size)
+                pos = start + lo
+                yield pa.table([pa.array(np.full(size, pos // sps, dtype=np.int32)), keys.slice(pos, size),
+                                ids.slice(pos, size), part.column("sources"), part.column("caption"),
+                                part.column("meta"), part.column("problem"), part.column("warnings"),
+                                reserved.slice(pos, size)], schema=PLAN_SCHEMA)
+            start += payload.num_rows
+
+
+def _bucketed(reader, order: np.ndarray, n: int, per_bucket: int, tmp: str):
+    """The spilled payload in sorted order, ``per_bucket`` rows at a time: each record is first
+    written to its bucket's file (with its sort position), then each bucket is read back and sorted."""
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n, dtype=np.int64)
+    del order
+    n_buckets = -(-n // per_bucket)
+    schema = PAYLOAD_SCHEMA.append(pa.field("rank", pa.int64()))
+    paths = [os.path.join(tmp, f"bucket-{b:05d}.arrow") for b in range(n_buckets)]
+    sinks = [pa.OSFile(p, "wb") for p in paths]
+    writers = [ipc.new_file(s, schema) for s in sinks]
+    try:
+        row = 0
+        for i in range(reader.num_record_batches):
+            batch = pa.Table.from_batches([reader.get_batch(i)])
+            ranks = rank[row:row + batch.num_rows]
+            row += batch.num_rows
+            bucket = ranks // per_bucket
+            by = np.argsort(bucket, kind="stable")
+            batch = batch.append_column("rank", pa.array(ranks)).take(pa.array(by))
+            bounds = np.searchsorted(bucket[by], np.arange(n_buckets + 1))
+            for b in range(n_buckets):
+                if bounds[b + 1] > bounds[b]:
+                    writers[b].write_table(batch.slice(bounds[b], bounds[b + 1] - bounds[b]))
+    finally:
+        for w, s in zip(writers, sinks):
+            w.close()
+            s.close()
+    del rank
+    for path in paths:
+        with pa.OSFile(path, "rb") as src:
+            table = ipc.open_file(src).read_all()
+        os.unlink(path)
+        table = table.take(pc.sort_indices(table.column("rank")))
+        yield table.drop_columns(["rank"])
+
+
+def table_digest(table: pa.Table) -> str:
+    """The plan digest of a unit's rows (PLAN_SCHEMA columns): keys, ids, sources, captions,
+    metadata, problems and reserved keys, hashed column by column from their Arrow buffers."""
+    h = hashlib.sha256()
+    for name in ("key", "id", "sources", "caption", "meta", "problem", "reserved"):
+        col = table.column(name).combine_chunks()
+        h.update(name.encode() + b"\0")
+        if name == "id":
+            h.update(np.ascontiguousarray(col.to_numpy(), dtype="<i8").tobytes())
+            continue
+        if name == "reserved":
+            h.update(pc.fill_null(pc.list_value_length(col), -1).to_numpy().astype("<i8").tobytes())
+            col = col.flatten()
+        _hash_strings(h, col)
+    return h.hexdigest()[:32]
+
+
+def _hash_strings(h, col: pa.Array) -> None:
+    """Lengths (-1 for null) then bytes of a string array, whatever its offset in its buffers."""
+    h.update(pc.fill_null(pc.binary_length(col), -1).to_numpy().astype("<i8").tobytes())
+    if len(col):
+        offsets = np.frombuffer(col.buffers()[1], dtype=np.int32)[col.offset: col.offset + len(col) + 1]
+        data = col.buffers()[2]
+        if data is not None and offsets[-1] > offsets[0]:
+            h.update(memoryview(data)[offsets[0]:offsets[-1]])
+
+
+def records_table(records: list[Record], unit: int = 0) -> pa.Table:
+    """Records as plan rows (PLAN_SCHEMA)."""
+    rows = [{"unit": unit, "key": r.key, "id": r.id, "sources": json.dumps(r.sources, sort_keys=True),
+             "caption": r.caption, "meta": json.dumps(r.meta, sort_keys=True, default=str), "problem": r.problem,
+             "warnings": r.warnings, "reserved": r.reserved or None} for r in records]
+    return pa.Table.from_pylist(rows, schema=PLAN_SCHEMA)
+
+
+def table_records(table: pa.Table) -> list[Record]:
+    """Plan rows as records."""
+    return [Record(key=row["key"], id=row["id"], sources=json.loads(row["sources"]), caption=row["caption"],
+                   meta=json.loads(row["meta"]), problem=row["problem"], warnings=list(row["warnings"] or []),
+                   reserved=list(row.get("reserved") or [])) for row in table.to_pylist()]
 
 
 def cut_units(records: list[Record], samples_per_shard: int) -> list[Unit]:
     return [Unit(i, records[s : s + samples_per_shard]) for i, s in enumerate(range(0, len(records), samples_per_shard))]
 
 
-def plan_table(units: list[Unit], config_hash: str, content: dict | None = None) -> pa.Table:
-    """The plan as a table; ``content`` (the config's output-deciding fields) is kept in its
-    metadata so that a resume with another config can say which fields changed."""
-    rows = [
-        {
-            "unit": u.index,
-            "key": r.key,
-            "id": r.id,
-            "sources": json.dumps(r.sources, sort_keys=True),
-            "caption": r.caption,
-            "meta": json.dumps(r.meta, sort_keys=True, default=str),
-            "problem": r.problem,
-            "warnings": r.warnings,
-            "reserved": r.reserved or None,
-        }
-        for u in units
-        for r in u.records
-    ]
-    table = pa.Table.from_pylist(rows, schema=PLAN_SCHEMA)
-    meta = {"config_hash": config_hash}
-    if content is not None:
-        meta["config"] = json.dumps(content, sort_keys=True)
-    return table.replace_schema_metadata(meta)
+def _plan_file(out: OutputDir):
+    return out.fs.open(out.path(PLAN_FILE), "rb")
 
 
-def save_plan(out: OutputDir, units: list[Unit], config_hash: str, content: dict | None = None) -> None:
-    buf = io.BytesIO()
-    pq.write_table(plan_table(units, config_hash, content), buf)
-    out.write_bytes(PLAN_FILE, buf.getvalue())
+def save_plan(out: OutputDir, config: BuildConfig) -> list[UnitRef]:
+    """Plan the input and write ``plan.parquet``: one row group per unit, the units' digests in its
+    metadata (``unit_digests``) with the config hash and content. Returns the units."""
+    meta = {"config_hash": config.config_hash, "config": json.dumps(config.content_dict(), sort_keys=True)}
+    refs: list[UnitRef] = []
+    with tempfile.TemporaryDirectory(prefix="mmdata-plan-") as tmp, out.atomic_open(PLAN_FILE) as fh:
+        writer = None
+        try:
+            for table in planned_units(config, tmp):
+                if writer is None:
+                    writer = pq.ParquetWriter(fh, PLAN_SCHEMA.with_metadata(meta), write_statistics=False)
+                writer.write_table(table, row_group_size=table.num_rows)
+                refs.append(UnitRef(len(refs), table.num_rows, table_digest(table)))
+            writer.add_key_value_metadata({UNIT_DIGESTS: json.dumps([r.digest for r in refs])})
+        finally:
+            if writer is not None:
+                writer.close()
+    return refs
 
 
-def load_plan(out: OutputDir) -> tuple[list[Unit], str]:
-    """The saved units and the config hash they were planned with."""
-    table = pq.read_table(io.BytesIO(out.read_bytes(PLAN_FILE)))
-    config_hash = (table.schema.metadata or {}).get(b"config_hash", b"").decode()
-    by_unit: dict[int, list[Record]] = {}
-    for row in table.to_pylist():
-        rec = Record(
-            key=row["key"],
-            id=row["id"],
-            sources=json.loads(row["sources"]),
-            caption=row["caption"],
-            meta=json.loads(row["meta"]),
-            problem=row["problem"],
-            warnings=list(row["warnings"] or []),
-            reserved=list(row.get("reserved") or []),
-        )
-        by_unit.setdefault(row["unit"], []).append(rec)
-    return [Unit(i, by_unit[i]) for i in sorted(by_unit)], config_hash
+def load_plan(out: OutputDir) -> tuple[list[UnitRef], str]:
+    """The saved units (index, size, digest: not their records) and the config hash they were planned with."""
+    with _plan_file(out) as fh:
+        pf = pq.ParquetFile(fh)
+        meta = pf.metadata.metadata or {}
+        config_hash = meta.get(b"config_hash", b"").decode()
+        if UNIT_DIGESTS.encode() in meta:
+            digests = json.loads(meta[UNIT_DIGESTS.encode()])
+            return [UnitRef(i, pf.metadata.row_group(i).num_rows, d) for i, d in enumerate(digests)], config_hash
+        table = pf.read()  # a plan written before units had row groups of their own
+    units = table.column("unit").to_numpy()
+    return [UnitRef(int(i), int((units == i).sum()), table_digest(table.filter(pc.equal(table.column("unit"), i))))
+            for i in np.unique(units)], config_hash
 
 
-def make_or_load_plan(config: BuildConfig, out: OutputDir) -> tuple[list[Unit], bool]:
+def unit_ref(out: OutputDir, index: int) -> UnitRef:
+    """Unit ``index`` of the saved plan (its size and digest), from the plan's footer."""
+    with _plan_file(out) as fh:
+        pf = pq.ParquetFile(fh)
+        meta = pf.metadata.metadata or {}
+        if UNIT_DIGESTS.encode() in meta:
+            return UnitRef(index, pf.metadata.row_group(index).num_rows, json.loads(meta[UNIT_DIGESTS.encode()])[index])
+    unit, digest = load_unit(out, index)
+    return UnitRef(index, len(unit.records), digest)
+
+
+def load_unit(out: OutputDir, index: int) -> tuple[Unit, str]:
+    """Unit ``index``'s records, read from its own row group of ``plan.parquet``, and its plan digest."""
+    with _plan_file(out) as fh:
+        pf = pq.ParquetFile(fh)
+        meta = pf.metadata.metadata or {}
+        if UNIT_DIGESTS.encode() in meta:
+            table = pf.read_row_group(index)
+            if len(table) and pc.any(pc.not_equal(table.column("unit"), index)).as_py():
+                raise RuntimeError(f"{out.url}/{PLAN_FILE}: row group {index} holds another unit")
+            digest = json.loads(meta[UNIT_DIGESTS.encode()])[index]
+        else:
+            table = pf.read()
+            table = table.filter(pc.equal(table.column("unit"), index))
+            digest = table_digest(table)
+    return Unit(index, table_records(table)), digest
+
+
+def make_or_load_plan(config: BuildConfig, out: OutputDir) -> tuple[list[UnitRef], bool]:
     """Units for this build: the saved plan when resuming, else a fresh one (saved). Returns (units, resumed)."""
     if out.exists(PLAN_FILE) and not config.overwrite:
         units, planned_hash = load_plan(out)
         if planned_hash != config.config_hash:
             raise UserError(config_mismatch(out, planned_hash, config))
         return units, True
-    units = cut_units(list_records(config), config.samples_per_shard)
-    save_plan(out, units, config.config_hash, config.content_dict())
-    return units, False
+    return save_plan(out, config), False
 
 
 def _planned_config(out: OutputDir) -> dict | None:
     """The output-deciding config fields the plan was made with: from the plan's metadata, else
     (plans written before it was kept there) from a finished build's manifest.json."""
-    meta = pq.read_schema(io.BytesIO(out.read_bytes(PLAN_FILE))).metadata or {}
+    with _plan_file(out) as fh:
+        meta = pq.ParquetFile(fh).schema_arrow.metadata or {}
     if b"config" in meta:
         return json.loads(meta[b"config"])
     if out.exists("manifest.json"):

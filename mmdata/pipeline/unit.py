@@ -10,17 +10,18 @@ import hashlib
 import json
 import time
 from collections import Counter
-from typing import Optional
+from typing import Optional, Union
 
 from mmdata.config import BuildConfig
 from mmdata.encoders.factory import audio_encoder_facts, make_audio_encoder, make_encoder
 from mmdata.keys import key_to_id, sanitize_key
 from mmdata.layout import embedding_file, shard_files
+from mmdata.pipeline.plan import load_unit, records_table, table_digest, unit_ref
 from mmdata.pipeline.samples.embed import AudioEmbedder, ImageEmbedder, embed_samples
 from mmdata.pipeline.samples.record import RecordProcessor
 from mmdata.pipeline.samples.sample import Sample, Timer, write_json
 from mmdata.pipeline.samples.views import ViewMaker, embeds, is_view, rekey_views
-from mmdata.records import Unit
+from mmdata.records import Unit, UnitRef
 from mmdata.schema import SHARD_SCHEMA
 from mmdata.storage import OutputDir
 from mmdata.transforms.tokenize import get_tokenizer, tokenize_npy
@@ -54,15 +55,13 @@ def get_context(config: BuildConfig) -> UnitContext:
     return _CONTEXTS[key]
 
 
-def plan_digest(unit: Unit) -> str:
+def plan_digest(unit: Union[Unit, UnitRef]) -> str:
     """A digest of the unit's records as planned (keys, ids, sources, inline captions and metadata):
-    a committed shard counts only for the plan it was built from, so a resume never mixes plans."""
-    h = hashlib.sha256()
-    for r in unit.records:
-        h.update(json.dumps([r.key, r.id, r.sources, r.caption, r.meta, r.problem, r.reserved], sort_keys=True,
-                            default=str).encode())
-        h.update(b"\n")
-    return h.hexdigest()[:32]
+    a committed shard counts only for the plan it was built from, so a resume never mixes plans.
+    A planned unit (UnitRef) carries the digest the plan stored; records are hashed as plan rows."""
+    if isinstance(unit, UnitRef):
+        return unit.digest
+    return table_digest(records_table(unit.records, unit.index))
 
 
 def read_committed(out: OutputDir, name: str, config_hash: str, modalities: list[str] = (),
@@ -83,27 +82,33 @@ def read_committed(out: OutputDir, name: str, config_hash: str, modalities: list
     return stats
 
 
-def run_unit(config: BuildConfig, unit: Unit) -> dict:
-    """Build shard ``unit.index`` (unless committed) and return its stats."""
+def run_unit(config: BuildConfig, unit: Union[int, UnitRef, Unit]) -> dict:
+    """Build shard ``unit.index`` (unless committed) and return its stats. Engines pass a unit's index
+    (or its UnitRef): its records are read here, from its own row group of the output's plan."""
     ctx = get_context(config)
+    if isinstance(unit, int):
+        unit = unit_ref(ctx.out, int(unit))
+    digest = plan_digest(unit)
     files = shard_files(unit.name)
-    committed = read_committed(ctx.out, unit.name, config.config_hash, config.embedded_modalities, plan_digest(unit))
+    committed = read_committed(ctx.out, unit.name, config.config_hash, config.embedded_modalities, digest)
     if committed is not None:
         return {**committed, "skipped": True}
+    if isinstance(unit, UnitRef):
+        unit, digest = load_unit(ctx.out, unit.index)
     started = time.time()
     timer = Timer()
     audio_embedder = AudioEmbedder(ctx.audio_encoder, config.embed_batch_size) if ctx.audio_encoder else None
     image_embedder = (ImageEmbedder(ctx.encoder, config.embed_batch_size)
                       if ctx.encoder is not None and "image" in config.embed else None)
     try:
-        return _run(ctx, config, unit, files, timer, started, audio_embedder, image_embedder)
+        return _run(ctx, config, unit, files, timer, started, audio_embedder, image_embedder, digest)
     finally:
         if image_embedder is not None:
             image_embedder.close()
 
 
 def _run(ctx: UnitContext, config: BuildConfig, unit: Unit, files: dict, timer: Timer, started: float,
-         audio_embedder: Optional[AudioEmbedder], image_embedder: Optional[ImageEmbedder]) -> dict:
+         audio_embedder: Optional[AudioEmbedder], image_embedder: Optional[ImageEmbedder], digest: str) -> dict:
     samples: list[Sample] = []
     for record in unit.records:
         produced = ctx.processor(record, timer)  # one sample, or one per transcript segment
@@ -154,7 +159,7 @@ def _run(ctx: UnitContext, config: BuildConfig, unit: Unit, files: dict, timer: 
     for modality, rows in embeddings.items():
         ctx.out.write_bytes(embedding_file(modality, unit.name), npy_bytes(rows, config.embedding_dtype))
     timer.add("write", t0)
-    stats = unit_stats(unit, config, samples, timer, started, tar_bytes)
+    stats = unit_stats(unit, config, samples, timer, started, tar_bytes, digest)
     if ctx.encoder is not None:
         stats["encoder"] = {k: v for k, v in ctx.encoder.info().items() if k in ENCODER_FACTS}
     if ctx.audio_encoder is not None:
@@ -183,7 +188,8 @@ def in_key_order(samples: list[Sample]) -> list[Sample]:
     return sorted(samples + views, key=lambda s: s.row["key"])
 
 
-def unit_stats(unit: Unit, config: BuildConfig, samples: list[Sample], timer: Timer, started: float, tar_bytes: int) -> dict:
+def unit_stats(unit: Unit, config: BuildConfig, samples: list[Sample], timer: Timer, started: float, tar_bytes: int,
+               digest: Optional[str] = None) -> dict:
     status = Counter(s.row["status"] for s in samples)
     audio = [s.row["duration"] for s in samples if s.row["status"] == "written" and s.row.get("duration") is not None]
     reasons: dict[str, Counter] = {"filtered": Counter(), "failed": Counter()}
@@ -194,7 +200,7 @@ def unit_stats(unit: Unit, config: BuildConfig, samples: list[Sample], timer: Ti
         "unit": unit.index,
         "shard": f"{unit.name}.tar",
         "config_hash": config.config_hash,
-        "plan_digest": plan_digest(unit),
+        "plan_digest": digest or plan_digest(unit),
         "mmdata_version": __version__,
         "counts": {
             "records": len(unit.records),

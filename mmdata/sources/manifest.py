@@ -114,3 +114,224 @@ def read_manifest(url: str, image_col: str, text_col: str, key_col: str | None):
         meta = {k: v for k, v in row.items() if v is not None}
         rows.append((str(key), sources, None if caption is None else str(caption), meta))
     return rows
+
+
+# Streaming, vectorised reading for plans of any size: the same values as ``read_manifest``, as Arrow
+# batches of ``raw_key, sources, caption, meta`` (sources and meta already JSON text, as in the plan).
+
+BATCH_ROWS = 1 << 16
+_STRING_TYPES = (pa.string(), pa.large_string())
+
+
+def _after_first(arr: pa.Array, sep: str) -> pa.Array:
+    """``value.split(sep, 1)[-1]`` of each value (nulls stay null)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    parts = pc.split_pattern(arr, sep, max_splits=1)
+    offsets = parts.offsets.to_numpy()
+    last = np.maximum(offsets[1:] - 1, offsets[:-1])
+    flat = parts.values
+    return pc.if_else(arr.is_valid(), flat.take(pa.array(np.minimum(last, max(len(flat) - 1, 0)))) if len(flat) else arr,
+                      pa.nulls(len(arr), pa.string()))
+
+
+_JSON_ESCAPED = [b < 0x20 or b > 0x7e or b in b'"\\' for b in range(256)]  # bytes json.dumps escapes
+
+
+def _rows_with_bytes(arr: pa.Array, which: list[bool]) -> "np.ndarray":
+    """For each string of ``arr`` (a StringArray), whether it holds a byte marked in ``which`` (256 flags)."""
+    import numpy as np
+
+    table = np.array(which, dtype=bool)
+    n = len(arr)
+    out = np.zeros(n, dtype=bool)
+    if n == 0 or arr.buffers()[2] is None:
+        return out
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset: arr.offset + n + 1]
+    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)
+    step = 1 << 16
+    for lo in range(0, n, step):
+        o = offsets[lo: lo + step + 1].astype(np.int64)
+        marked = np.concatenate([[0], np.cumsum(table[data[o[0]:o[-1]]], dtype=np.int32)])
+        out[lo: lo + len(o) - 1] = marked[o[1:] - o[0]] > marked[o[:-1] - o[0]]
+    return out
+
+
+def _strip_extension(arr: pa.Array) -> pa.Array:
+    """``posixpath.splitext(v)[0]`` of each value: the reversed string loses ``txe.`` where a character
+    other than a dot precedes the last dot within the base name."""
+    import pyarrow.compute as pc
+
+    rev = pc.utf8_reverse(arr)
+    return pc.utf8_reverse(pc.replace_substring_regex(rev, r"^[^/.]*\.([^/]*[^/.])", r"\1", max_replacements=1))
+
+
+def json_strings(arr: pa.Array) -> pa.Array:
+    """Each string of ``arr`` as ``json.dumps`` writes it (nulls stay null)."""
+    import pyarrow.compute as pc
+
+    arr = arr.cast(pa.string()) if arr.type != pa.string() else arr
+    plain = pa.array(~_rows_with_bytes(arr, _JSON_ESCAPED))
+    quoted = pc.binary_join_element_wise('"', arr, '"', "")
+    if pc.all(plain).as_py():
+        return quoted
+    odd = pc.invert(plain)
+    escaped = [json.dumps(v) for v in arr.filter(odd).to_pylist()]
+    return pc.replace_with_mask(quoted, odd, pa.array(escaped, pa.string()))
+
+
+def _as_text(arr: pa.Array) -> pa.Array:
+    """``str(value)`` of each value (nulls stay null): cast where Arrow writes what Python does."""
+    if arr.type in _STRING_TYPES:
+        return arr.cast(pa.string())
+    if pa.types.is_integer(arr.type):
+        return arr.cast(pa.string())
+    return pa.array([None if v is None else str(v) for v in arr.to_pylist()], pa.string())
+
+
+def _json_values(arr: pa.Array) -> pa.Array:
+    """Each value as ``json.dumps(v, sort_keys=True, default=str)`` writes it in a metadata object."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    if arr.type in _STRING_TYPES:
+        return json_strings(arr)
+    if pa.types.is_integer(arr.type) or pa.types.is_boolean(arr.type):
+        return arr.cast(pa.string())
+    if pa.types.is_floating(arr.type):
+        return _json_floats(arr.cast(pa.float64()))
+    return pa.array([None if v is None else json.dumps(v, sort_keys=True, default=str) for v in arr.to_pylist()],
+                    pa.string())
+
+
+def _json_floats(arr: pa.Array) -> pa.Array:
+    """``repr`` of each double as json writes it (``NaN``, ``Infinity``): Arrow's shortest text where it
+    is Python's too (plain decimals in Python's positional range; whole numbers get ``.0``), Python's elsewhere."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    values = np.abs(arr.fill_null(0.0).to_numpy(zero_copy_only=False))
+    text = arr.cast(pa.string())
+    has_dot, has_e = pc.match_substring(text, "."), pc.match_substring(text, "e")
+    positional = pa.array((values >= 1e-4) & (values < 1e16))
+    whole = pa.array(np.isfinite(values) & (values < 1e16))
+    plain = pc.and_(pc.and_(has_dot, pc.invert(has_e)), positional)
+    integral = pc.and_(pc.and_(pc.invert(has_dot), pc.invert(has_e)), whole)
+    text = pc.if_else(integral, pc.binary_join_element_wise(text, ".0", ""), text)
+    rest = pc.and_(pc.invert(pc.or_(plain, integral)), arr.is_valid())
+    if pc.any(rest).as_py():
+        fixed = [json.dumps(v) for v in arr.filter(rest).to_pylist()]
+        text = pc.replace_with_mask(text, rest, pa.array(fixed, pa.string()))
+    return text
+
+
+def _meta_json(batch: pa.Table, names: list[str]) -> pa.Array:
+    """``json.dumps({k: v for k, v in row.items() if v is not None}, sort_keys=True, default=str)`` per row."""
+    import pyarrow.compute as pc
+
+    n = batch.num_rows
+    parts = []
+    for name in sorted(names):
+        col = batch.column(name).combine_chunks()
+        if pa.types.is_null(col.type):
+            continue
+        parts.append(pc.fill_null(pc.binary_join_element_wise(", " + json.dumps(name) + ": ", _json_values(col), ""), ""))
+    if not parts:
+        return pa.array(["{}"] * n, pa.string())
+    body = pc.utf8_slice_codeunits(pc.binary_join_element_wise(*parts, ""), start=2)
+    return pc.binary_join_element_wise("{", body, "}", "")
+
+
+def _open_batches(url: str, fmt: str):
+    """``(column names, iterator of record batches of at most BATCH_ROWS rows)``: parquet streamed
+    by record batch, csv/tsv/jsonl read whole by Arrow (never as Python rows)."""
+    if fmt != "parquet":
+        table = _read_table(url, fmt)
+        return table.column_names, iter(table.to_batches(BATCH_ROWS))
+    fh = fsspec.open(url, "rb").open()
+    try:
+        pf = pq.ParquetFile(fh)
+    except (pa.ArrowInvalid, OSError, ValueError) as exc:
+        fh.close()
+        raise UserError(f"cannot read manifest {url} as {fmt}: {str(exc).splitlines()[0]}") from None
+
+    def batches():
+        try:
+            yield from pf.iter_batches(batch_size=BATCH_ROWS, use_threads=True)
+        except (pa.ArrowInvalid, OSError, ValueError) as exc:
+            raise UserError(f"cannot read manifest {url} as {fmt}: {str(exc).splitlines()[0]}") from None
+        finally:
+            fh.close()
+
+    return pf.schema_arrow.names, batches()
+
+
+def read_manifest_batches(url: str, image_col: str, text_col: str, key_col: str | None):
+    """The manifest as Arrow tables of ``raw_key, sources, caption, meta`` (``sources`` and ``meta`` JSON
+    text), in manifest order: the values ``read_manifest`` gives, computed column by column."""
+    import pyarrow.compute as pc
+
+    fmt = manifest_format(url)
+    _, base = _resolver(url)
+    fs, _ = fsspec.core.url_to_fs(url)
+    local = isinstance(fs, LocalFileSystem)
+    cols, batches = _open_batches(url, fmt)
+    if key_col and key_col not in cols:
+        raise UserError(f"manifest {url} has no key column {key_col!r} (columns: {', '.join(cols)})")
+    if image_col not in cols and text_col not in cols:
+        raise UserError(
+            f"manifest {url} has neither image column {image_col!r} nor text column {text_col!r} "
+            f"(columns: {', '.join(cols)}); map them with --image-col / --text-col"
+        )
+    offset = 0
+    for batch in batches:
+        batch = pa.Table.from_batches([batch])
+        n = batch.num_rows
+        if n == 0:
+            continue
+        cols = batch.column_names
+        none = pa.nulls(n, pa.string())
+        image = _as_text(batch.column(image_col).combine_chunks()) if image_col in cols else none
+        text = (_as_text(batch.column(text_col).combine_chunks())
+                if text_col in cols and text_col != image_col else none)
+        key = (_as_text(batch.column(key_col).combine_chunks())
+               if key_col and key_col not in (image_col, text_col) else none)
+        has_image = pc.fill_null(pc.not_equal(image, ""), False)
+        # sources: URLs as they are, absolute paths as they are, relative ones joined to the manifest's folder
+        url_like = pc.fill_null(pc.match_substring(image, "://"), False)
+        absolute = pc.fill_null(pc.starts_with(image, "/"), False)
+        joined = pc.binary_join_element_wise(base, image, "/") if base else image
+        odd = pc.fill_null(pc.match_substring_regex(joined, r"(^|/)\.{1,2}(/|$)|//|/$"), False)
+        odd = pc.and_(pc.and_(odd, has_image), pc.invert(pc.or_(url_like, absolute)))
+        if pc.any(odd).as_py():  # ".", ".." or "//" in a relative path: normalised by posixpath
+            fixed = [posixpath.normpath(v) for v in joined.filter(odd).to_pylist()]
+            joined = pc.replace_with_mask(joined, odd, pa.array(fixed, pa.string()))
+        full = pc.if_else(absolute, image, joined)
+        if not local:  # a remote manifest's paths keep its protocol
+            todo = pc.and_(has_image, pc.invert(url_like))
+            if pc.any(todo).as_py():
+                fixed = [fs.unstrip_protocol(v) for v in full.filter(todo).to_pylist()]
+                full = pc.replace_with_mask(full, todo, pa.array(fixed, pa.string()))
+        resolved = pc.if_else(url_like, image, full)
+        sources = pc.if_else(has_image, pc.binary_join_element_wise('{"image": ', json_strings(resolved), "}", ""),
+                             pa.scalar("{}"))
+        # keys: the key column, else the image's path without extension (relative to the manifest's folder)
+        stem = image
+        if pc.any(pc.match_substring(image, "?")).as_py():
+            stem = pc.replace_substring_regex(image, r"(?s)\?.*$", "")
+        stem = _strip_extension(stem)
+        after_scheme = _after_first(stem, "://")
+        derived = pc.if_else(pc.or_(pc.match_substring(stem, "://"), pc.starts_with(stem, "/")),
+                             pc.utf8_ltrim(after_scheme, characters="/"), stem)
+        derived = pc.if_else(pc.starts_with(stem, base + "/"), pc.utf8_slice_codeunits(stem, start=len(base) + 1),
+                             derived)
+        if not pc.all(has_image).as_py():
+            rows = pa.array([f"row{i:09d}" for i in range(offset, offset + n)], pa.string())
+            derived = pc.if_else(has_image, derived, rows)
+        raw_key = pc.if_else(pc.fill_null(pc.not_equal(key, ""), False), key, derived)
+        meta = _meta_json(batch, [c for c in cols if c not in (image_col, text_col, key_col)])
+        yield pa.table({"raw_key": raw_key, "sources": sources, "caption": text, "meta": meta})
+        offset += n
