@@ -72,19 +72,21 @@ import resource, subprocess, sys
 p = subprocess.run([sys.executable, "-c", sys.argv[1], *sys.argv[2:]], capture_output=True, text=True)
 sys.stderr.write(p.stderr[-3000:])
 print(p.stdout.strip().splitlines()[-1] if p.stdout.strip() else "{}")
-print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
+u = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(u.ru_maxrss * 1024, u.ru_utime + u.ru_stime)
 sys.exit(p.returncode)
 """
 
 
-def plan_in_child(manifest: str, out: str) -> tuple[dict, int]:
-    """(the child's JSON line, its peak RSS in bytes)."""
+def plan_in_child(manifest: str, out: str) -> tuple[dict, int, float]:
+    """(the child's JSON line, its peak RSS in bytes, its CPU seconds in all)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-c", PARENT, CHILD, manifest, out], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"planning failed: {proc.stderr[-2000:]}")
-    line, rss = proc.stdout.strip().splitlines()[-2:]
-    return json.loads(line), int(rss)
+    line, usage = proc.stdout.strip().splitlines()[-2:]
+    rss, cpu = usage.split()
+    return json.loads(line), int(rss), float(cpu)
 
 
 def main() -> None:
@@ -97,10 +99,11 @@ def main() -> None:
         for rows in args.rows:
             manifest = os.path.join(tmp, f"m{rows}.parquet")
             write_manifest(manifest, rows)
-            got, rss = plan_in_child(manifest, os.path.join(tmp, f"out{rows}"))
+            got, rss, cpu = plan_in_child(manifest, os.path.join(tmp, f"out{rows}"))
             assert got["records"] == rows, got
             print(f"plan {rows:>11,} rows: {got['seconds']:7.2f} s  {rows / got['seconds']:>10,.0f} rows/s  "
-                  f"{got['units']} units  driver peak RSS {rss / 2**20:7.0f} MiB ({rss / rows:.0f} B/row)")
+                  f"{got['units']} units  driver peak RSS {rss / 2**20:7.0f} MiB ({rss / rows:.0f} B/row)  "
+                  f"child CPU {cpu:.1f} s (with interpreter start; load average {os.getloadavg()[0]:.1f})")
             if rows == 1_000_000:
                 print(f"  time vs the {TARGET_S_1M:g} s target for 1M rows: ratio {got['seconds'] / TARGET_S_1M:.3f} (≤ 1)")
             if rows >= 10_000_000:

@@ -108,17 +108,23 @@ def reserved_column(keys: pa.Array) -> pa.Array:
                                     mask=pa.array(counts == 0))
 
 
-def _sorted_keys(raws: pa.Array, is_manifest: bool) -> tuple[pa.Array, pa.Array]:
+def _sorted_keys(key_chunks: list, raw_path: str, is_manifest: bool) -> tuple[pa.Array, pa.Array]:
     """The records' keys in sorted order, and the sort (listing row of each sorted key): ``_dedupe``
     (manifests) then ``unique_keys`` of the raw names, then a stable sort. Equal neighbours after one
-    sort of the sanitised names show whether there is anything to dedupe or disambiguate at all."""
-    keys = sanitize_keys(raws)
+    sort of the sanitised names show whether there is anything to dedupe or disambiguate at all; only
+    then are the raw names (spilled at ``raw_path``) read back."""
+    keys = pa.chunked_array(key_chunks, pa.string())
+    key_chunks.clear()  # the caller's list: these chunks are now held here only
     order = pc.sort_indices(keys)  # stable: equal keys keep their listing order
-    keys = keys.take(order)
+    keys = keys.take(order).combine_chunks()
     n = len(keys)
     if n > 1 and pc.any(pc.equal(keys.slice(1), keys.slice(0, n - 1))).as_py():
+        del keys, order
+        with pa.OSFile(raw_path, "rb") as src:
+            raws = ipc.open_file(src).read_all().column("raw_key").combine_chunks()
         raws = _dedupe_arrow(raws) if is_manifest else raws
         keys = unique_keys_arrow(raws)
+        del raws
         order = pc.sort_indices(keys)
         keys = keys.take(order)
     return keys, order
@@ -162,25 +168,26 @@ def _input_batches(config: BuildConfig):
 
 
 def planned_units(config: BuildConfig, tmp: str):
-    """The plan, unit by unit: one PLAN_SCHEMA table per unit, in unit order.
+    """The plan as PLAN_SCHEMA tables of whole units (up to BUCKET_ROWS rows), in unit order.
 
     The driver holds, for every record, only its key, id and sort position (what Arrow needs to sort):
     the rest of each record (sources, caption, metadata) is spilled under ``tmp`` as it is listed, then
     re-read in buckets of BUCKET_ROWS sorted rows. Nothing is one Python object per record."""
     batches, is_manifest = _input_batches(config)
-    raw_chunks, n = [], 0
-    payload_path = os.path.join(tmp, "payload.arrow")
-    with pa.OSFile(payload_path, "wb") as sink, ipc.new_file(sink, PAYLOAD_SCHEMA) as writer:
+    key_chunks, n = [], 0
+    payload_path, raw_path = os.path.join(tmp, "payload.arrow"), os.path.join(tmp, "raw.arrow")
+    raw_schema = pa.schema([pa.field("raw_key", pa.string())])
+    with pa.OSFile(payload_path, "wb") as sink, ipc.new_file(sink, PAYLOAD_SCHEMA) as writer, \
+            pa.OSFile(raw_path, "wb") as raw_sink, ipc.new_file(raw_sink, raw_schema) as raw_writer:
         for t in batches:
-            raw_chunks.append(t.column("raw_key").combine_chunks())
+            raw = t.column("raw_key").combine_chunks().cast(pa.string())
+            key_chunks.append(sanitize_keys(raw))  # most plans need nothing more than the sanitised names
+            raw_writer.write_table(pa.table([raw], schema=raw_schema))
             writer.write_table(t.select(PAYLOAD_SCHEMA.names).cast(PAYLOAD_SCHEMA))
             n += t.num_rows
     if not n:
         raise UserError(f"input {config.input} holds no records (empty folder or manifest)")
-    raws = pa.concat_arrays(raw_chunks)
-    del raw_chunks
-    keys, order = _sorted_keys(raws, is_manifest)
-    del raws
+    keys, order = _sorted_keys(key_chunks, raw_path, is_manifest)
     ids = pa.array(keys_to_ids(keys))
     reserved = reserved_column(keys)
     sps = config.samples_per_shard
@@ -193,16 +200,13 @@ def planned_units(config: BuildConfig, tmp: str):
             buckets = _bucketed(reader, order.to_numpy(), n, per_bucket, tmp)
         del order
         start = 0
-        for payload in buckets:
-            for lo in range(0, payload.num_rows, sps):
-                size = min(sps, payload.num_rows - lo)
-                part = payload.slice(lo, size)
-                pos = start + lo
-                yield pa.table([pa.array(np.full(size, pos // sps, dtype=np.int32)), keys.slice(pos, size),
-                                ids.slice(pos, size), part.column("sources"), part.column("caption"),
-                                part.column("meta"), part.column("problem"), part.column("warnings"),
-                                reserved.slice(pos, size)], schema=PLAN_SCHEMA)
-            start += payload.num_rows
+        for payload in buckets:  # whole units: a bucket holds a multiple of samples_per_shard rows
+            size = payload.num_rows
+            unit = (np.arange(start, start + size, dtype=np.int64) // sps).astype(np.int32)
+            yield pa.table([pa.array(unit), keys.slice(start, size), ids.slice(start, size), payload.column("sources"),
+                            payload.column("caption"), payload.column("meta"), payload.column("problem"),
+                            payload.column("warnings"), reserved.slice(start, size)], schema=PLAN_SCHEMA)
+            start += size
 
 
 def _bucketed(reader, order: np.ndarray, n: int, per_bucket: int, tmp: str):
@@ -300,11 +304,14 @@ def save_plan(out: OutputDir, config: BuildConfig) -> list[UnitRef]:
     with tempfile.TemporaryDirectory(prefix="mmdata-plan-") as tmp, out.atomic_open(PLAN_FILE) as fh:
         writer = None
         try:
+            sps = config.samples_per_shard
             for table in planned_units(config, tmp):
                 if writer is None:
                     writer = pq.ParquetWriter(fh, PLAN_SCHEMA.with_metadata(meta), write_statistics=False)
-                writer.write_table(table, row_group_size=table.num_rows)
-                refs.append(UnitRef(len(refs), table.num_rows, table_digest(table)))
+                writer.write_table(table, row_group_size=sps)  # row groups cut every sps rows: one per unit
+                for lo in range(0, table.num_rows, sps):
+                    part = table.slice(lo, sps)
+                    refs.append(UnitRef(len(refs), part.num_rows, table_digest(part)))
             writer.add_key_value_metadata({UNIT_DIGESTS: json.dumps([r.digest for r in refs])})
         finally:
             if writer is not None:
