@@ -81,7 +81,7 @@ sys.exit(p.returncode)
 def plan_in_child(manifest: str, out: str) -> tuple[dict, int, float]:
     """(the child's JSON line, its peak RSS in bytes, its CPU seconds in all)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-c", PARENT, CHILD, manifest, out], capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-c", PARENT, CHILD, manifest, out], check=False, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"planning failed: {proc.stderr[-2000:]}")
     line, usage = proc.stdout.strip().splitlines()[-2:]

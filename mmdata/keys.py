@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import re
 
+import numpy as np
+
 MAX_KEY_LEN = 128
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
@@ -67,7 +69,6 @@ _SAFE = None
 def _replace_unsafe_runs(raws):
     """``_UNSAFE.sub("_", raw)`` of every value, on the bytes: a run of unsafe characters is a run of
     unsafe bytes in UTF-8 (every byte of a non-ASCII character is unsafe), and becomes one ``_``."""
-    import numpy as np
     import pyarrow as pa
 
     global _SAFE
@@ -117,7 +118,6 @@ def unique_keys_arrow(raws):
     """``unique_keys`` of the Arrow string array ``raws`` (one key per value, same order): each
     distinct raw name is sanitised; where two distinct raw names meet, the first in sorted order keeps
     the key and the others get the same hashed suffix as ``unique_keys`` gives them."""
-    import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -151,9 +151,8 @@ def unique_keys_arrow(raws):
     return pc.replace_with_mask(keys, pa.array(mask), pa.array([suffixed[r] for r in colliding], pa.string()))
 
 
-def keys_to_ids(keys) -> "np.ndarray":
+def keys_to_ids(keys) -> np.ndarray:
     """``key_to_id`` of every key of the Arrow string array ``keys``, as int64."""
-    import numpy as np
 
     out = np.empty(len(keys), dtype=np.int64)
     step = 1 << 16

@@ -15,8 +15,8 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
+from pyarrow import ipc
 
 from mmdata.config import RUNTIME_FIELDS, BuildConfig
 from mmdata.errors import UserError

@@ -11,6 +11,7 @@ import math
 import posixpath
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
@@ -125,7 +126,6 @@ _STRING_TYPES = (pa.string(), pa.large_string())
 
 def _after_first(arr: pa.Array, sep: str) -> pa.Array:
     """``value.split(sep, 1)[-1]`` of each value (nulls stay null)."""
-    import numpy as np
     import pyarrow.compute as pc
 
     parts = pc.split_pattern(arr, sep, max_splits=1)
@@ -139,9 +139,8 @@ def _after_first(arr: pa.Array, sep: str) -> pa.Array:
 _JSON_ESCAPED = [b < 0x20 or b > 0x7e or b in b'"\\' for b in range(256)]  # bytes json.dumps escapes
 
 
-def _rows_with_bytes(arr: pa.Array, which: list[bool]) -> "np.ndarray":
+def _rows_with_bytes(arr: pa.Array, which: list[bool]) -> np.ndarray:
     """For each string of ``arr`` (a StringArray), whether it holds a byte marked in ``which`` (256 flags)."""
-    import numpy as np
 
     table = np.array(which, dtype=bool)
     n = len(arr)
@@ -192,9 +191,6 @@ def _as_text(arr: pa.Array) -> pa.Array:
 
 def _json_values(arr: pa.Array) -> pa.Array:
     """Each value as ``json.dumps(v, sort_keys=True, default=str)`` writes it in a metadata object."""
-    import numpy as np
-    import pyarrow.compute as pc
-
     if pa.types.is_dictionary(arr.type):
         arr = arr.dictionary_decode()
     if arr.type in _STRING_TYPES:
@@ -210,7 +206,6 @@ def _json_values(arr: pa.Array) -> pa.Array:
 def _json_floats(arr: pa.Array) -> pa.Array:
     """``repr`` of each double as json writes it (``NaN``, ``Infinity``): Arrow's shortest text where it
     is Python's too (plain decimals in Python's positional range; whole numbers get ``.0``), Python's elsewhere."""
-    import numpy as np
     import pyarrow.compute as pc
 
     values = np.abs(arr.fill_null(0.0).to_numpy(zero_copy_only=False))
