@@ -334,28 +334,49 @@ def load_plan(out: OutputDir) -> tuple[list[UnitRef], str]:
             for i in np.unique(units)], config_hash
 
 
+_FOOTERS: dict = {}  # per worker process: the plan's footer and unit digests, by file identity
+
+
+def _footer(out: OutputDir):
+    """``(FileMetaData, unit digests or None)`` of the output's plan, parsed once per process for
+    as long as the file is the same (its size and modification time): a plan of many units has a
+    footer of ~700 bytes per unit, which every unit would otherwise parse again."""
+    path = out.path(PLAN_FILE)
+    info = out.fs.info(path)
+    stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or info.get("created")
+    key = (out.url, path, info.get("size"), str(stamp)) if stamp is not None else None
+    if key is not None and key in _FOOTERS:
+        return _FOOTERS[key]
+    with _plan_file(out) as fh:
+        md = pq.ParquetFile(fh).metadata
+    kv = md.metadata or {}
+    found = (md, json.loads(kv[UNIT_DIGESTS.encode()]) if UNIT_DIGESTS.encode() in kv else None)
+    if key is not None:
+        _FOOTERS.clear()  # one plan at a time
+        _FOOTERS[key] = found
+    return found
+
+
 def unit_ref(out: OutputDir, index: int) -> UnitRef:
     """Unit ``index`` of the saved plan (its size and digest), from the plan's footer."""
-    with _plan_file(out) as fh:
-        pf = pq.ParquetFile(fh)
-        meta = pf.metadata.metadata or {}
-        if UNIT_DIGESTS.encode() in meta:
-            return UnitRef(index, pf.metadata.row_group(index).num_rows, json.loads(meta[UNIT_DIGESTS.encode()])[index])
+    md, digests = _footer(out)
+    if digests is not None:
+        return UnitRef(index, md.row_group(index).num_rows, digests[index])
     unit, digest = load_unit(out, index)
     return UnitRef(index, len(unit.records), digest)
 
 
 def load_unit(out: OutputDir, index: int) -> tuple[Unit, str]:
     """Unit ``index``'s records, read from its own row group of ``plan.parquet``, and its plan digest."""
+    md, digests = _footer(out)
     with _plan_file(out) as fh:
-        pf = pq.ParquetFile(fh)
-        meta = pf.metadata.metadata or {}
-        if UNIT_DIGESTS.encode() in meta:
+        pf = pq.ParquetFile(fh, metadata=md)
+        if digests is not None:
             table = pf.read_row_group(index)
             if len(table) and pc.any(pc.not_equal(table.column("unit"), index)).as_py():
                 raise RuntimeError(f"{out.url}/{PLAN_FILE}: row group {index} holds another unit")
-            digest = json.loads(meta[UNIT_DIGESTS.encode()])[index]
-        else:
+            digest = digests[index]
+        else:  # a plan written before units had row groups of their own
             table = pf.read()
             table = table.filter(pc.equal(table.column("unit"), index))
             digest = table_digest(table)
