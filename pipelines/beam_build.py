@@ -4,7 +4,10 @@
 
 The driver plans the units (saved in OUT/plan.parquet); the pipeline is
 
-    Create(units) → Reshuffle → ParDo(RunUnitDoFn) → CombineGlobally(MergeUnitStats) → CheckTotals
+    Create(ranges of unit indices) → FlatMap(indices) → Reshuffle → ParDo(RunUnitDoFn)
+        → CombineGlobally(MergeUnitStats) → CheckTotals
+
+(each worker reads its unit's records from its own row group of OUT/plan.parquet)
 
 (the transforms live in ``mmdata.engines.beam_transforms``) and the driver runs ``finalize`` once it has
 finished. ``RunUnitDoFn.setup`` builds the per-process
