@@ -46,8 +46,13 @@ def _plan_records(out: OutputDir, problems: list[str]) -> dict[int, int] | None:
     """Records per unit in ``plan.parquet`` (None for an output without a plan)."""
     if not out.exists("plan.parquet"):
         return None
-    plan = _read_table(out, "plan.parquet", problems)
-    return None if plan is None else dict(Counter(plan.column("unit").to_pylist()))
+    try:  # the unit column alone, read from the file: a plan can hold millions of rows
+        with out.fs.open(out.path("plan.parquet"), "rb") as fh:
+            units = pq.read_table(fh, columns=["unit"], use_threads=False).column("unit").to_numpy()
+    except (OSError, pa.ArrowException) as exc:
+        problems.append(f"plan.parquet: unreadable ({exc})")
+        return None
+    return {i: int(n) for i, n in enumerate(np.bincount(units)) if n} if len(units) else {}
 
 
 def _check_embeddings(out: OutputDir, name: str, modalities: list[str], n_written: int, problems: list[str]) -> None:
