@@ -1,5 +1,5 @@
 """Planning at any size (issue 12): plan a generated parquet manifest of URL + caption rows
-(LAION-like) with ``mmdata.plan.save_plan`` in a child process, and print
+(LAION-like) with ``mmdata.pipeline.plan.save_plan`` in a child process, and print
 
 - the planning time of 1,000,000 rows against the 5 s target (ratio ≤ 1 is the target);
 - with ``MMDATA_BENCH_PLAN_10M=1`` (or ``--rows``), 10,000,000 rows: the driver's peak RSS against the
@@ -57,7 +57,7 @@ CHILD = """
 import json, sys, time
 t0 = time.perf_counter()
 from mmdata.config import load_config
-from mmdata.plan import save_plan
+from mmdata.pipeline.plan import save_plan
 from mmdata.storage import OutputDir
 config = load_config(None, input=sys.argv[1], out=sys.argv[2], image_col="url", text_col="caption")
 out = OutputDir(config.out)

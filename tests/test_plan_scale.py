@@ -19,15 +19,15 @@ import pytest
 from conftest import run_build
 from PIL import Image
 
-from mmdata import plan
 from mmdata.config import load_config
 from mmdata.keys import key_to_id, unique_keys
+from mmdata.pipeline import plan
+from mmdata.pipeline.unit import plan_digest
 from mmdata.records import Record, Unit
 from mmdata.schema import PLAN_SCHEMA
 from mmdata.sources.folder import list_folder
 from mmdata.sources.manifest import manifest_format, read_manifest
 from mmdata.storage import OutputDir
-from mmdata.unit import plan_digest
 
 
 def png(color=(10, 200, 30)):
@@ -244,7 +244,7 @@ def test_engines_receive_unit_indices_not_records(tmp_path):
     write(tmp_path, "in/b.txt", "b")
     config = load_config(input=str(tmp_path / "in"), out=str(tmp_path / "out"), samples_per_shard=1, progress=False)
     units, _ = planned(config)
-    from mmdata.unit import run_unit
+    from mmdata.pipeline.unit import run_unit
 
     stats = run_unit(config, 1)
     assert stats["unit"] == 1 and stats["plan_digest"] == units[1].digest and stats["counts"]["written"] == 1
@@ -260,7 +260,7 @@ LIMIT = 900 << 20
 CHILD = textwrap.dedent("""
     import json, sys
     from mmdata.config import load_config
-    from mmdata.plan import save_plan
+    from mmdata.pipeline.plan import save_plan
     from mmdata.storage import OutputDir
     config = load_config(None, input=sys.argv[1], out=sys.argv[2], image_col="url", text_col="caption")
     out = OutputDir(config.out)
