@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from mmdata.cli.build_options import PanelCommand, build_command
+from mmdata.cli.curate import curate as curate_command
 from mmdata.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -34,6 +35,7 @@ def _run_build(config: Optional[Path], flags: dict) -> None:
 
 # Every option of `mmdata build` comes from the config model (mmdata/cli/build_options.py).
 app.command(name="build", cls=PanelCommand)(build_command(_run_build, "Build WebDataset shards (and their tables) from a corpus."))
+app.command(name="curate")(curate_command)
 
 
 def _counts_line(records: int, c: dict) -> str:

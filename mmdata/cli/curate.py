@@ -1,0 +1,66 @@
+"""``mmdata curate OUT --out CURATED``: dedup and filter a finished build into a new one."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from mmdata.errors import UserError
+
+
+def _list(value: Optional[str]) -> Optional[list[str]]:
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
+def curate(
+    build: str = typer.Argument(..., help="a finished build's output folder"),
+    out: str = typer.Option(..., "--out", help="the curated build's folder"),
+    config: Optional[Path] = typer.Option(None, "--config", help="curate.yaml (or a build config with a curate: section)"),
+    engine: Optional[str] = typer.Option(None, help="local | dask | beam"),
+    workers: Optional[int] = typer.Option(None, min=1, help="worker processes"),
+    dask_address: Optional[str] = typer.Option(None, help="Dask scheduler address"),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="replace an earlier curated output"),
+    samples_per_shard: Optional[int] = typer.Option(None, min=1, help="kept samples per curated shard"),
+    exact: Optional[str] = typer.Option(None, help="exact dedup modalities, comma-separated (image,text,audio; '' for none)"),
+    phash_max_distance: Optional[int] = typer.Option(None, min=-1, help="pHash Hamming distance for image dedup (-1: off)"),
+    semantic: Optional[str] = typer.Option(None, help="SemDeDup modalities, comma-separated: image,text,audio,pair"),
+    semantic_eps: Optional[float] = typer.Option(None, help="duplicates: cosine ≥ 1 - eps"),
+    clip_min: Optional[float] = typer.Option(None, help="filter pairs with image·text cosine below this"),
+    clip_top_fraction: Optional[float] = typer.Option(None, help="keep this top fraction by CLIP score"),
+    languages: Optional[str] = typer.Option(None, help="keep captions in these languages, comma-separated (en,de)"),
+    min_words: Optional[int] = typer.Option(None, help="filter captions with fewer words"),
+    max_words: Optional[int] = typer.Option(None, help="filter captions with more words"),
+    tokenizer: Optional[str] = typer.Option(None, help="a Hugging Face tokenizer.json: token counts (offline)"),
+    min_tokens: Optional[int] = typer.Option(None, help="filter captions with fewer tokens"),
+    max_tokens: Optional[int] = typer.Option(None, help="filter captions with more tokens"),
+    min_speech_ratio: Optional[float] = typer.Option(None, help="filter audio with less speech (Silero VAD)"),
+    min_loudness: Optional[float] = typer.Option(None, help="filter audio quieter than this (LUFS)"),
+    max_clipping: Optional[float] = typer.Option(None, help="filter audio with more clipped samples"),
+    exclude_near: Optional[str] = typer.Option(None, "--exclude-near", help="an evaluation build: remove samples near it"),
+    exclude_min_cosine: Optional[float] = typer.Option(None, help="--exclude-near removes cosine ≥ this"),
+) -> None:
+    """Deduplicate and filter a build into a new build; every removed sample keeps a row saying why."""
+    from mmdata.curate import curate as run_curate
+    from mmdata.curate import load_curate_config
+
+    flags = dict(engine=engine, workers=workers, dask_address=dask_address, overwrite=overwrite,
+                 samples_per_shard=samples_per_shard, exact=_list(exact), semantic=_list(semantic),
+                 semantic_eps=semantic_eps, clip_min=clip_min, clip_top_fraction=clip_top_fraction,
+                 languages=_list(languages), min_words=min_words, max_words=max_words, tokenizer=tokenizer,
+                 min_tokens=min_tokens, max_tokens=max_tokens, min_speech_ratio=min_speech_ratio,
+                 min_loudness=min_loudness, max_clipping=max_clipping, exclude_near=exclude_near,
+                 exclude_min_cosine=exclude_min_cosine)
+    try:
+        cfg = load_curate_config(str(config) if config else None, **flags)
+        if phash_max_distance is not None:
+            cfg = cfg.model_copy(update={"phash_max_distance": None if phash_max_distance < 0 else phash_max_distance})
+        manifest = run_curate(build, out, cfg)
+    except UserError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2)
+    c = manifest["counts"]
+    typer.echo(f"{c['inputs']} rows: {c['written']} written, {c['filtered']} filtered, {c['failed']} failed")
+    for reason, n in sorted(manifest["curate"]["removed"].items(), key=lambda kv: (-kv[1], kv[0])):
+        typer.echo(f"  removed {n:6d}  {reason}")
+    typer.echo(f"output: {out}  ({manifest['units']} shards)")

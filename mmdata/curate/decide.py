@@ -1,0 +1,186 @@
+"""Per-sample decisions, in a fixed order over the samples still kept: measure errors (``failed``),
+filters (``filter:<name>``), decontamination (``decontaminate:<eval key>``), then deduplication —
+exact, perceptual, semantic per modality (``duplicate:<method>:<kept key>``).
+
+A duplicate's kept key is resolved to the sample that stays in the curated build: when the sample
+kept for it is removed by a later method, the ledger names the one kept for that, and so on.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import numpy as np
+
+from mmdata.curate.config import CurateConfig
+from mmdata.curate.features import phash_bytes
+from mmdata.curate.inputs import InputBuild
+
+SCORE_COLUMNS = ("clip_score", "language", "language_score", "words", "tokens", "speech_ratio", "loudness", "clipping",
+                 "phash", "duplicate_of", "duplicate_score", "decontaminate_cosine")
+
+
+class Decisions:
+    def __init__(self, build: InputBuild):
+        n = len(build)
+        self.build = build
+        self.status = build.status.copy()
+        self.reason = build.column("reason")
+        self.kept_for = np.full(n, -1, dtype=np.int64)
+        self.method: dict[int, str] = {}
+        self.scores: dict[str, list] = {c: [None] * n for c in SCORE_COLUMNS}
+
+    def alive(self) -> np.ndarray:
+        return np.flatnonzero(self.status == "written")
+
+    def remove(self, positions, reason: str | list[str], status: str = "filtered") -> None:
+        reasons = [reason] * len(positions) if isinstance(reason, str) else reason
+        for p, r in zip(positions, reasons):
+            self.status[p], self.reason[p] = status, r
+
+    def duplicates(self, method: str, dup: np.ndarray, kept: np.ndarray, score: np.ndarray) -> None:
+        for d, k, s in zip(dup.tolist(), kept.tolist(), score.tolist()):
+            self.status[d] = "filtered"
+            self.kept_for[d] = k
+            self.method[d] = method
+            self.scores["duplicate_score"][d] = round(float(s), 6)
+
+    def resolve(self) -> None:
+        """Name, for every duplicate, the sample that stays in the curated build."""
+        keys = self.build.keys
+        for d, method in sorted(self.method.items()):
+            k = int(self.kept_for[d])
+            seen = 0
+            while self.status[k] != "written" and self.kept_for[k] >= 0 and seen < len(keys):
+                k, seen = int(self.kept_for[k]), seen + 1
+            self.reason[d] = f"duplicate:{method}:{keys[k]}"
+            self.scores["duplicate_of"][d] = keys[k]
+
+
+def set_measures(dec: Decisions, feats: dict[str, np.ndarray | list]) -> None:
+    for name in ("language", "language_score", "words", "tokens", "speech_ratio", "loudness", "clipping"):
+        dec.scores[name] = list(feats[name])
+    dec.scores["phash"] = [None if v is None else f"{v & (2**64 - 1):016x}" for v in feats["phash"]]
+    errors = [p for p in dec.alive() if feats["error"][p]]
+    dec.remove(errors, [f"curate:{feats['error'][p].split(':')[0]}" for p in errors], status="failed")
+
+
+def _threshold(dec: Decisions, values: list, name: str, low, high) -> None:
+    """filter:<name> for alive samples whose value lies outside [low, high] (no value: not filtered)."""
+    out = [p for p in dec.alive() if values[p] is not None and not (math.isnan(values[p]) if isinstance(values[p], float) else False)
+           and ((low is not None and values[p] < low) or (high is not None and values[p] > high))]
+    dec.remove(out, f"filter:{name}")
+
+
+def clip_filter(dec: Decisions, cfg: CurateConfig) -> None:
+    if "image" not in dec.build.modalities or "text" not in dec.build.modalities:
+        return
+    alive = dec.alive()
+    img, pos_i = dec.build.vectors("image", alive)
+    txt, pos_t = dec.build.vectors("text", alive)
+    both = np.intersect1d(pos_i, pos_t)
+    if len(both):
+        a = img.take(np.searchsorted(pos_i, both))
+        b = txt.take(np.searchsorted(pos_t, both))
+        for p, s in zip(both.tolist(), np.einsum("ij,ij->i", a, b).tolist()):
+            dec.scores["clip_score"][p] = round(float(s), 6)
+    if cfg.clip_min is not None:
+        _threshold(dec, dec.scores["clip_score"], "clip_score", cfg.clip_min, None)
+    if cfg.clip_top_fraction is not None:
+        scored = [p for p in dec.alive() if dec.scores["clip_score"][p] is not None]
+        ranked = sorted(scored, key=lambda p: (-dec.scores["clip_score"][p], dec.build.rank[p]))
+        dec.remove(ranked[math.ceil(cfg.clip_top_fraction * len(ranked)):], "filter:clip_top_fraction")
+
+
+def filters(dec: Decisions, cfg: CurateConfig) -> None:
+    if cfg.clip_min is not None or cfg.clip_top_fraction is not None or dec.build.modalities:
+        clip_filter(dec, cfg)
+    if cfg.languages is not None:
+        keep = set(cfg.languages)
+        lang, score = dec.scores["language"], dec.scores["language_score"]
+        dec.remove([p for p in dec.alive() if lang[p] is not None
+                    and (lang[p] not in keep or score[p] < cfg.language_min_score)], "filter:language")
+    _threshold(dec, dec.scores["words"], "words", cfg.min_words, cfg.max_words)
+    _threshold(dec, dec.scores["tokens"], "tokens", cfg.min_tokens, cfg.max_tokens)
+    _threshold(dec, dec.scores["speech_ratio"], "speech_ratio", cfg.min_speech_ratio, cfg.max_speech_ratio)
+    _threshold(dec, dec.scores["loudness"], "loudness", cfg.min_loudness, cfg.max_loudness)
+    _threshold(dec, dec.scores["clipping"], "clipping", None, cfg.max_clipping)
+
+
+def exact(dec: Decisions, feats: dict, cfg: CurateConfig) -> None:
+    """Identical source bytes (image_sha256, audio_sha256) or normalised caption: the first key stays."""
+    sources = {"image": dec.build.column("image_sha256"), "audio": dec.build.column("audio_sha256"),
+               "text": feats["caption_hash"]}
+    for modality in ("image", "text", "audio"):
+        if modality not in cfg.exact:
+            continue
+        values = sources[modality]
+        groups: dict[str, list[int]] = defaultdict(list)
+        for p in dec.alive():
+            if values[p]:
+                groups[values[p]].append(int(p))
+        dup, kept = [], []
+        for members in groups.values():
+            if len(members) > 1:
+                members.sort(key=lambda p: dec.build.rank[p])
+                dup += members[1:]
+                kept += [members[0]] * (len(members) - 1)
+        dec.duplicates(f"exact_{modality}", np.asarray(dup, np.int64), np.asarray(kept, np.int64), np.ones(len(dup)))
+
+
+def perceptual(dec: Decisions, feats: dict, max_distance: int) -> None:
+    """Images within Hamming distance ≤ ``max_distance`` of a better-ranked image (more source pixels,
+    then key order) are duplicates of the nearest such image."""
+    import faiss
+
+    alive = [p for p in dec.alive() if feats["phash"][p] is not None]
+    if len(alive) < 2:
+        return
+    w, h = dec.build.column("orig_width"), dec.build.column("orig_height")
+    alive.sort(key=lambda p: (-((w[p] or 0) * (h[p] or 0)), dec.build.rank[p]))
+    codes = phash_bytes(np.asarray([feats["phash"][p] for p in alive], dtype=np.int64))
+    index = faiss.IndexBinaryFlat(64)
+    index.add(codes)
+    lims, dist, labels = index.range_search(codes, max_distance + 1)  # distances < radius
+    dup, kept, score = [], [], []
+    for j in range(len(alive)):
+        lo, hi = lims[j], lims[j + 1]
+        better = [(int(d), int(i)) for d, i in zip(dist[lo:hi], labels[lo:hi]) if i < j]
+        if better:
+            d, i = min(better)
+            dup.append(alive[j])
+            kept.append(alive[i])
+            score.append(1.0 - d / 64.0)
+    dec.duplicates("phash", np.asarray(dup, np.int64), np.asarray(kept, np.int64), np.asarray(score))
+
+
+def decontaminate(dec: Decisions, cfg: CurateConfig, eval_build: InputBuild) -> None:
+    """Remove samples with cosine ≥ ``exclude_min_cosine`` to any sample of ``eval_build``."""
+    import faiss
+
+    from mmdata.errors import UserError
+
+    common = [m for m in ("image", "text", "audio", "fused") if m in dec.build.modalities and m in eval_build.modalities]
+    modality = cfg.exclude_modality or (common[0] if common else None)
+    if modality is None or modality not in common:
+        raise UserError(f"--exclude-near: the two builds share no {modality or ''} embeddings "
+                        f"({', '.join(dec.build.modalities) or 'none'} vs {', '.join(eval_build.modalities) or 'none'})")
+    ev, ev_pos = eval_build.vectors(modality, np.flatnonzero(eval_build.written))
+    vs, pos = dec.build.vectors(modality, dec.alive())
+    if not len(ev) or not len(vs):
+        return
+    if ev.dim() != vs.dim():
+        raise UserError(f"--exclude-near: {modality} embeddings differ in dimension ({vs.dim()} vs {ev.dim()}): "
+                        "the two builds used different models")
+    index = faiss.IndexFlatIP(ev.dim())
+    for _, x in ev.chunks():
+        index.add(np.ascontiguousarray(x))
+    out, reasons = [], []
+    for idx, x in vs.chunks():
+        sims, nn = index.search(np.ascontiguousarray(x), 1)
+        for p, s, i in zip(pos[idx].tolist(), sims[:, 0].tolist(), nn[:, 0].tolist()):
+            dec.scores["decontaminate_cosine"][p] = round(float(s), 6)
+            if s >= cfg.exclude_min_cosine:
+                out.append(p)
+                reasons.append(f"decontaminate:{eval_build.keys[int(ev_pos[i])]}")
+    dec.remove(out, reasons)

@@ -1,0 +1,163 @@
+"""``mmdata curate``: read a build, decide per sample, write the curated build in the same layout."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+
+import numpy as np
+
+from mmdata.config import BuildConfig
+from mmdata.curate import decide
+from mmdata.curate.config import CurateConfig
+from mmdata.curate.features import FEATURES_SCHEMA, FeatureTask, load_features, run_feature_task
+from mmdata.curate.inputs import InputBuild
+from mmdata.curate.semantic import semantic_dedup
+from mmdata.curate.write import PLAN_SCHEMA, WriteTask, cut, run_write_task, summary_reason
+from mmdata.errors import UserError
+from mmdata.layout import clear_output, is_mmdata_output
+from mmdata.records import Unit
+from mmdata.storage import OutputDir
+from mmdata.writers.table import table_bytes
+
+SCRATCH = ".mmdata-curate"
+
+
+def _absolute(url: str) -> str:
+    return url if "://" in url else os.path.abspath(url)
+
+
+def _prepare_output(out: OutputDir, overwrite: bool) -> None:
+    files = out.fs.find(out.root) if out.fs.exists(out.root) else []
+    if files:
+        if not overwrite:
+            raise UserError(f"{out.url} is not empty; choose another --out or pass --overwrite")
+        if not is_mmdata_output(out) and not all(SCRATCH in f for f in files):
+            raise UserError(f"--overwrite: {out.url} is not empty and is not an mmdata output; refusing to delete its files")
+        clear_output(out)
+    out.remove(SCRATCH)
+    out.ensure_writable()
+
+
+def _engine_config(build: InputBuild, cfg: CurateConfig, out_url: str) -> BuildConfig:
+    base = dict(build.manifest.get("config") or {})
+    base.update(out=out_url, engine=cfg.engine, workers=cfg.workers, dask_address=cfg.dask_address,
+                beam_options=cfg.beam_options, progress=False, overwrite=False)
+    if cfg.samples_per_shard:
+        base["samples_per_shard"] = cfg.samples_per_shard
+    try:
+        return BuildConfig(**base)
+    except ValueError as exc:
+        raise UserError(f"{build.url}: its manifest's config does not load in this version ({exc})") from None
+
+
+def _features(build: InputBuild, cfg: CurateConfig, out: OutputDir, engine) -> dict:
+    """Measure every written sample on the engine; the measures as lists over the build's positions."""
+    tasks = [FeatureTask(build.url, out.url, SCRATCH, name, phash=cfg.phash_max_distance is not None,
+                         language=True, tokenizer=cfg.tokenizer, audio=True,
+                         speech=cfg.min_speech_ratio is not None or cfg.max_speech_ratio is not None)
+             for name in build.shards]
+    engine.map_tasks(run_feature_task, tasks, name="curate-features")
+    n = len(build)
+    feats = {f.name: [None] * n for f in FEATURES_SCHEMA if f.name != "pos"}
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(build.shard, minlength=len(build.shards)))])
+    for i, name in enumerate(build.shards):
+        table = load_features(out, SCRATCH, name).to_pydict()
+        for j, pos in enumerate(table["pos"]):
+            for col in feats:
+                feats[col][offsets[i] + pos] = table[col][j]
+    return feats
+
+
+def decide_all(build: InputBuild, cfg: CurateConfig, feats: dict, out: OutputDir, engine, parallelism: int) -> decide.Decisions:
+    dec = decide.Decisions(build)
+    decide.set_measures(dec, feats)
+    decide.filters(dec, cfg)
+    if cfg.exclude_near:
+        decide.decontaminate(dec, cfg, InputBuild(_absolute(cfg.exclude_near)))
+    decide.exact(dec, feats, cfg)
+    if cfg.phash_max_distance is not None:
+        decide.perceptual(dec, feats, cfg.phash_max_distance)
+    for modality in cfg.semantic:
+        vectors, positions = build.vectors(modality, dec.alive())
+        dup, kept, cos = semantic_dedup(vectors, cfg.eps(modality), out=out, folder=f"{SCRATCH}/semantic_{modality}",
+                                        engine=engine, n_clusters=cfg.semantic_clusters, keep=cfg.semantic_keep,
+                                        train_size=cfg.semantic_train_size, seed=cfg.seed, parallelism=parallelism)
+        dec.duplicates(f"semantic_{modality}", positions[dup], positions[kept], cos)
+    dec.resolve()
+    return dec
+
+
+def _write_plans(build: InputBuild, dec: decide.Decisions, out: OutputDir, per_shard: int) -> list[str]:
+    order = np.argsort(build.rank, kind="stable").tolist()  # positions in key order
+    shards = cut(order, [dec.status[p] == "written" for p in order], per_shard)
+    names = []
+    for i, positions in enumerate(shards):
+        name = f"{i:05d}"
+        rows = [{"in_shard": build.shards[build.shard[p]], "in_pos": int(build.pos[p]), "status": dec.status[p],
+                 "reason": dec.reason[p], **{c: dec.scores[c][p] for c in decide.SCORE_COLUMNS}} for p in positions]
+        out.write_bytes(f"{SCRATCH}/units/{name}.parquet", table_bytes(rows, PLAN_SCHEMA))
+        names.append(name)
+    return names
+
+
+def curate(build_url: str, out_url: str, cfg: CurateConfig) -> dict:
+    """Curate the build at ``build_url`` into ``out_url``; return the curated manifest."""
+    from mmdata.engines.base import get_engine
+    from mmdata.finalize import merge_stats, package_versions
+
+    started = time.perf_counter()
+    build_url, out_url = _absolute(build_url), _absolute(out_url)
+    if build_url.rstrip("/") == out_url.rstrip("/"):
+        raise UserError("--out must differ from the build being curated")
+    build = InputBuild(build_url)
+    out = OutputDir(out_url)
+    config = _engine_config(build, cfg, out_url)
+    _prepare_output(out, cfg.overwrite)
+    curate_hash = hashlib.sha256(json.dumps(cfg.content_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    engine = get_engine(config)
+    try:
+        feats = _features(build, cfg, out, engine)
+        dec = decide_all(build, cfg, feats, out, engine, engine.parallelism)
+        names = _write_plans(build, dec, out, config.samples_per_shard)
+        tasks = [WriteTask(build.url, out.url, SCRATCH, name, build.modalities, curate_hash) for name in names]
+        all_stats = engine.map_tasks(run_write_task, tasks, name="curate-write")
+        sizes = {s["shard"]: s["counts"]["written"] for s in all_stats}
+        out.write_bytes("shards/sizes.json", json.dumps(sizes, indent=1, sort_keys=True).encode())
+        merged = merge_stats(all_stats)
+        c = merged["counts"]
+        if c["inputs"] != len(build) or c["inputs"] != c["written"] + c["filtered"] + c["failed"]:
+            raise UserError(f"curated counts do not reconcile with the build's {len(build)} rows: {c}")
+        manifest = {"mmdata_version": package_versions()["mmdata"], "config": config.model_dump(mode="json"),
+                    "config_hash": config.config_hash, "versions": package_versions(), **merged,
+                    "units": len(names), "shards": [s["shard"] for s in all_stats],
+                    "curate": {"source": build.url, "config": cfg.content_dict(), "config_hash": curate_hash,
+                               "input_counts": build.manifest.get("counts"),
+                               "removed": _removed_counts(dec)}}
+        if build.manifest.get("audio"):
+            manifest["audio"] = build.manifest["audio"]
+        if build.modalities:
+            manifest["embeddings"] = build.manifest["embeddings"]
+            if config.index:
+                from mmdata.indexing import build_indexes
+
+                infos = build_indexes(config, out, [Unit(int(n), []) for n in names], engine)
+                manifest["index"] = {m: {k: i.get(k) for k in ("index_key", "n", "recall_at_10")} for m, i in infos.items()}
+    finally:
+        engine.close()
+    out.remove(SCRATCH)
+    manifest["timings"] = {"wall_seconds": round(time.perf_counter() - started, 3)}
+    manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    out.write_bytes("manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
+    out.clean_temporaries()
+    return manifest
+
+
+def _removed_counts(dec: decide.Decisions) -> dict:
+    """Samples written in the build and removed by curation, by summary reason."""
+    counts: dict[str, int] = {}
+    for p in np.flatnonzero(dec.build.written & (dec.status != "written")):
+        r = summary_reason(dec.reason[p])
+        counts[r] = counts.get(r, 0) + 1
+    return dict(sorted(counts.items()))

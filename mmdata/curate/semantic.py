@@ -1,0 +1,159 @@
+"""SemDeDup: semantic near-duplicates within k-means clusters of the embeddings.
+
+1. k-means (FAISS, spherical) on a seeded sample of at most ``train_size`` vectors;
+2. every vector goes to its nearest centre (streamed, 8 bytes kept per vector);
+3. clusters are grouped into tasks that the engine runs independently: a task reads only its
+   clusters' vectors, so memory is bounded by the largest task, not the corpus;
+4. within a cluster, members are ranked by the keep rule (``nearest``: highest cosine to the centre
+   first; ``farthest``: lowest first; ties by candidate order, which is key order), and a member is
+   a duplicate when its cosine to any better-ranked member is ≥ 1 - eps (as in Abbas et al. 2023).
+   Its ledger names the sample kept for it: the best-ranked member it is most similar to, followed
+   while that one is itself a duplicate.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from mmdata.curate.vectors import VectorSet, load_npy, save_npy
+from mmdata.storage import OutputDir
+
+BLOCK = 1024  # rows of the similarity matrix computed at once (memory: BLOCK x cluster size floats)
+
+
+def default_clusters(n: int) -> int:
+    return max(1, int(round(math.sqrt(n))))
+
+
+def train_centroids(vectors: VectorSet, k: int, train_size: int, seed: int) -> np.ndarray:
+    """k-means centres (L2-normalised) from a seeded sample of the candidates."""
+    import faiss
+
+    n = len(vectors)
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.choice(n, size=min(n, train_size), replace=False)) if n > train_size else np.arange(n)
+    x = np.ascontiguousarray(vectors.take(sample))
+    k = max(1, min(k, len(x)))
+    km = faiss.Kmeans(x.shape[1], k, niter=20, seed=seed, spherical=True, verbose=False,
+                      min_points_per_centroid=1, max_points_per_centroid=max(256, -(-len(x) // k)))
+    km.train(x)
+    centres = km.centroids.astype(np.float32)
+    centres /= np.maximum(np.linalg.norm(centres, axis=1, keepdims=True), 1e-12)
+    return centres
+
+
+def assign(vectors: VectorSet, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(cluster of each candidate, its cosine to that centre), streamed in chunks."""
+    import faiss
+
+    index = faiss.IndexFlatIP(centres.shape[1])
+    index.add(centres)
+    cluster = np.empty(len(vectors), dtype=np.int32)
+    sim = np.empty(len(vectors), dtype=np.float32)
+    for idx, x in vectors.chunks():
+        d, i = index.search(np.ascontiguousarray(x), 1)
+        cluster[idx], sim[idx] = i[:, 0], d[:, 0]
+    return cluster, sim
+
+
+def group_clusters(sizes: np.ndarray, n_tasks: int) -> list[list[int]]:
+    """Clusters into ``n_tasks`` groups of balanced pairwise work (largest first, to the lightest group)."""
+    n_tasks = max(1, min(n_tasks, int((sizes > 0).sum()) or 1))
+    groups: list[list[int]] = [[] for _ in range(n_tasks)]
+    load = np.zeros(n_tasks)
+    for c in sorted(np.flatnonzero(sizes > 0).tolist(), key=lambda c: (-int(sizes[c]), c)):
+        g = int(np.argmin(load))
+        groups[g].append(c)
+        load[g] += float(sizes[c]) ** 2
+    return [sorted(g) for g in groups if g]
+
+
+def dedup_cluster(x: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of ``x`` (ranked best first) that are duplicates: (their rows, the row kept for each, cosine).
+
+    Row j is a duplicate when max_{i<j} x_i·x_j ≥ threshold; its kept row is that argmax i, or, when i
+    is itself a duplicate, the row kept for i.
+    """
+    m = len(x)
+    best = np.full(m, -1, dtype=np.int64)
+    best_sim = np.full(m, -np.inf, dtype=np.float32)
+    for start in range(1, m, BLOCK):
+        stop = min(start + BLOCK, m)
+        s = x[start:stop] @ x[:stop].T  # rows j in [start, stop), columns i < stop
+        s[np.arange(stop - start)[:, None] <= (np.arange(stop)[None, :] - start)] = -np.inf  # keep only i < j
+        best[start:stop] = np.argmax(s, axis=1)
+        best_sim[start:stop] = s[np.arange(stop - start), best[start:stop]]
+    dup = best_sim >= threshold
+    kept = np.arange(m)
+    for j in np.flatnonzero(dup):  # ascending: best[j] < j is resolved already
+        kept[j] = kept[best[j]]
+    rows = np.flatnonzero(dup)
+    return rows, kept[rows], best_sim[rows]
+
+
+@dataclass
+class ClusterTask:
+    """One engine task: SemDeDup of the clusters ``clusters`` of the set saved under ``folder``."""
+
+    out: str
+    folder: str
+    task: int
+    clusters: list[int]
+    threshold: float
+    keep: str
+
+
+def run_cluster_task(task: ClusterTask) -> dict:
+    """Dedup the task's clusters; write ``result_<task>.npy`` (duplicate, kept, cosine*1e6 as int64). Idempotent."""
+    out = OutputDir(task.out)
+    rel = f"{task.folder}/result_{task.task:05d}.npy"
+    vectors = VectorSet.load(out, task.folder)
+    cluster = load_npy(out, f"{task.folder}/cluster.npy")
+    sim = load_npy(out, f"{task.folder}/centre_sim.npy")
+    mine = np.flatnonzero(np.isin(cluster, np.asarray(task.clusters, dtype=np.int32)))
+    x_all = vectors.take(mine)
+    found = []
+    for c in task.clusters:
+        local = np.flatnonzero(cluster[mine] == c)
+        if len(local) < 2:
+            continue
+        score = sim[mine[local]] if task.keep == "farthest" else -sim[mine[local]]
+        order = local[np.lexsort((mine[local], score))]  # best first; ties by candidate order
+        dup, kept, cos = dedup_cluster(x_all[order], task.threshold)
+        if len(dup):
+            found.append(np.stack([mine[order[dup]], mine[order[kept]], np.round(cos.astype(np.float64) * 1e6)
+                                   .astype(np.int64)], axis=1))
+    result = np.concatenate(found) if found else np.zeros((0, 3), dtype=np.int64)
+    save_npy(out, rel, result.astype(np.int64))
+    return {"task": task.task, "duplicates": int(len(result))}
+
+
+def semantic_dedup(vectors: VectorSet, eps: float, *, out: OutputDir, folder: str, engine=None,
+                   n_clusters: int | None = None, keep: str = "nearest", train_size: int = 100_000,
+                   seed: int = 0, parallelism: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """SemDeDup over ``vectors``: (duplicate candidates, the candidate kept for each, cosine), sorted.
+
+    Scratch files go under ``out/folder``; ``engine.map_tasks`` runs the cluster tasks (here without one).
+    """
+    n = len(vectors)
+    if n < 2:
+        return (np.zeros(0, np.int64),) * 2 + (np.zeros(0, np.float32),)
+    centres = train_centroids(vectors, n_clusters or default_clusters(n), train_size, seed)
+    cluster, sim = assign(vectors, centres)
+    vectors.save(out, folder)
+    save_npy(out, f"{folder}/cluster.npy", cluster)
+    save_npy(out, f"{folder}/centre_sim.npy", sim)
+    sizes = np.bincount(cluster, minlength=len(centres))
+    groups = group_clusters(sizes, 4 * max(1, parallelism))
+    tasks = [ClusterTask(out.url, folder, t, g, 1.0 - eps, keep) for t, g in enumerate(groups)]
+    if engine is None:
+        for task in tasks:
+            run_cluster_task(task)
+    else:
+        engine.map_tasks(run_cluster_task, tasks, name="semdedup")
+    parts = [load_npy(out, f"{folder}/result_{t.task:05d}.npy") for t in tasks]
+    result = np.concatenate(parts) if parts else np.zeros((0, 3), np.int64)
+    result = result[np.argsort(result[:, 0], kind="stable")]
+    return result[:, 0], result[:, 1], (result[:, 2] / 1e6).astype(np.float32)
