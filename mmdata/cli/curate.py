@@ -48,13 +48,11 @@ def curate(
                  samples_per_shard=samples_per_shard, exact=_list(exact), semantic=_list(semantic),
                  semantic_eps=semantic_eps, clip_min=clip_min, clip_top_fraction=clip_top_fraction,
                  languages=_list(languages), min_words=min_words, max_words=max_words, tokenizer=tokenizer,
-                 min_tokens=min_tokens, max_tokens=max_tokens, min_speech_ratio=min_speech_ratio,
+                 min_tokens=min_tokens, phash_max_distance=phash_max_distance, max_tokens=max_tokens, min_speech_ratio=min_speech_ratio,
                  min_loudness=min_loudness, max_clipping=max_clipping, exclude_near=exclude_near,
                  exclude_min_cosine=exclude_min_cosine)
     try:
         cfg = load_curate_config(str(config) if config else None, **flags)
-        if phash_max_distance is not None:
-            cfg = cfg.model_copy(update={"phash_max_distance": None if phash_max_distance < 0 else phash_max_distance})
         manifest = run_curate(build, out, cfg)
     except UserError as err:
         typer.echo(f"error: {err}", err=True)

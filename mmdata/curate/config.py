@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mmdata.errors import UserError
 
@@ -31,7 +31,7 @@ class CurateConfig(BaseModel):
         default_factory=lambda: ["image", "text", "audio"],
         description="exact dedup: sha256 of the source bytes (image, audio) and of the normalised caption (text)")
     phash_max_distance: Optional[int] = Field(
-        6, ge=0, le=32, description="perceptual image dedup: Hamming distance ≤ this between 64-bit pHashes (None: off)")
+        6, ge=-1, le=32, description="perceptual image dedup: Hamming distance ≤ this between 64-bit pHashes (-1 or None: off)")
     semantic: list[Literal["image", "text", "audio", "pair"]] = Field(
         default_factory=list, description="SemDeDup on these embeddings (pair: image and text embeddings together)")
     semantic_eps: float = Field(0.01, gt=0, lt=1, description="duplicates: cosine ≥ 1 - eps within a k-means cluster")
@@ -61,6 +61,11 @@ class CurateConfig(BaseModel):
     exclude_modality: Optional[Literal["image", "text", "audio", "fused"]] = Field(
         None, description="embeddings compared for exclude_near (default: image, else the first both builds have)")
     exclude_min_cosine: float = Field(0.95, ge=-1, le=1, description="exclude_near removes samples with cosine ≥ this")
+
+    @field_validator("phash_max_distance")
+    @classmethod
+    def _off(cls, value: Optional[int]) -> Optional[int]:
+        return None if value is not None and value < 0 else value
 
     def eps(self, modality: str) -> float:
         return self.semantic_eps_by_modality.get(modality, self.semantic_eps)

@@ -43,7 +43,7 @@ class Decisions:
             self.status[d] = "filtered"
             self.kept_for[d] = k
             self.method[d] = method
-            self.scores["duplicate_score"][d] = round(float(s), 6)
+            self.scores["duplicate_score"][d] = float(np.float32(s))
 
     def resolve(self) -> None:
         """Name, for every duplicate, the sample that stays in the curated build."""
@@ -83,7 +83,7 @@ def clip_filter(dec: Decisions, cfg: CurateConfig) -> None:
         a = img.take(np.searchsorted(pos_i, both))
         b = txt.take(np.searchsorted(pos_t, both))
         for p, s in zip(both.tolist(), np.einsum("ij,ij->i", a, b).tolist()):
-            dec.scores["clip_score"][p] = round(float(s), 6)
+            dec.scores["clip_score"][p] = float(np.float32(s))  # as the float32 column stores it
     if cfg.clip_min is not None:
         _threshold(dec, dec.scores["clip_score"], "clip_score", cfg.clip_min, None)
     if cfg.clip_top_fraction is not None:
@@ -179,7 +179,7 @@ def decontaminate(dec: Decisions, cfg: CurateConfig, eval_build: InputBuild) -> 
     for idx, x in vs.chunks():
         sims, nn = index.search(np.ascontiguousarray(x), 1)
         for p, s, i in zip(pos[idx].tolist(), sims[:, 0].tolist(), nn[:, 0].tolist()):
-            dec.scores["decontaminate_cosine"][p] = round(float(s), 6)
+            dec.scores["decontaminate_cosine"][p] = float(np.float32(s))
             if s >= cfg.exclude_min_cosine:
                 out.append(p)
                 reasons.append(f"decontaminate:{eval_build.keys[int(ev_pos[i])]}")

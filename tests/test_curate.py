@@ -1,0 +1,278 @@
+"""`mmdata curate`: a generated corpus with planted duplicates of each kind — a byte copy, a
+re-encoded, a resized and a cropped photo, the same caption in other whitespace and case, the same
+speech at another gain and sample rate, a repeated image+caption pair — each removed with a ledger
+row naming the sample kept; no unique sample removed; filters each with their reason; the same
+bytes on every engine and worker count."""
+import glob
+import io
+import json
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import run_build
+from mmdata.cli.main import app
+from mmdata.curate import curate, load_curate_config
+from mmdata.curate.semantic import dedup_cluster, semantic_dedup
+from mmdata.curate.vectors import VectorSet
+from mmdata.errors import UserError
+from mmdata.storage import OutputDir
+from mmdata.verify import verify_output
+from pipelines.demo_corpus import PHOTOS, skimage_photo
+
+MODEL = dict(model="mmdata-tiny", pretrained="random", embedding_dtype="float32")
+FOREIGN = {"coins.png": "de vieilles pièces de monnaie sur un fond sombre",
+           "grass.png": "eine Nahaufnahme von frischem grünem Gras auf der Wiese",
+           "gravel.png": "un primer plano de grava gris en el camino del parque"}
+
+
+def jpeg(im, quality=90):
+    buf = io.BytesIO()
+    im.convert("RGB").save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def stem(name):
+    return "u_" + name.split(".")[0].lower()
+
+
+@pytest.fixture(scope="module")
+def image_corpus(tmp_path_factory):
+    """Twenty unique photos and captions (three not in English), plus the planted duplicates;
+    returns (folder, {planted key: (method, kept key)})."""
+    root = tmp_path_factory.mktemp("cur_images")
+
+    def put(key, data, caption):
+        (root / f"{key}.jpg").write_bytes(data)
+        (root / f"{key}.txt").write_text(caption)
+
+    for name, (_, caption) in PHOTOS.items():
+        if name != "page.png":  # page's image carries a repeated caption below
+            put(stem(name), jpeg(skimage_photo(name)), FOREIGN.get(name, caption))
+    rocket = (root / "u_rocket.jpg").read_bytes()
+    chelsea, coffee, astro = (skimage_photo(n).convert("RGB") for n in ("chelsea.png", "coffee.png", "astronaut.png"))
+    w, h = astro.size
+    planted = {
+        "z_copy_rocket": ("exact_image", "u_rocket"),
+        "z_reencoded_chelsea": ("phash", "u_chelsea"),
+        "z_resized_coffee": ("phash", "u_coffee"),
+        "z_cropped_astronaut": ("phash", "u_astronaut"),
+        "z_caption_page": ("exact_text", "u_chelsea"),
+        "z_pair_moon": ("exact_image", "u_moon"),
+    }
+    put("z_copy_rocket", rocket, "the same rocket file under another name")
+    put("z_reencoded_chelsea", jpeg(chelsea, quality=40), "the cat saved again at a low jpeg quality")
+    put("z_resized_coffee", jpeg(coffee.resize((coffee.width * 2 // 3, coffee.height * 2 // 3), Image.LANCZOS)),
+        "the coffee cup made smaller")
+    put("z_cropped_astronaut", jpeg(astro.crop((w // 40, h // 40, w - w // 40, h - h // 40))),
+        "the astronaut with a thin border cropped away")
+    put("z_caption_page", jpeg(skimage_photo("page.png")), "  A Tabby CAT\tlooking to the   side ")
+    put("z_pair_moon", (root / "u_moon.jpg").read_bytes(), "Craters on the grey surface of the MOON")
+    return str(root), planted
+
+
+@pytest.fixture(scope="module")
+def image_build(image_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cur_images_out")
+    run_build(image_corpus[0], out, workers=1, image_size=128, **MODEL)
+    return str(out)
+
+
+def rows(out):
+    return {r["key"]: r for f in sorted(glob.glob(f"{out}/shards/*.parquet")) for r in pq.read_table(f).to_pylist()}
+
+
+def run_curate(build, out, **kw):
+    kw.setdefault("workers", 1)
+    return curate(build, str(out), load_curate_config(**kw))
+
+
+def removed(table):
+    return {k: r["reason"] for k, r in table.items() if r["status"] != "written"}
+
+
+def test_planted_image_and_caption_duplicates_removed_and_named(image_build, image_corpus, tmp_path):
+    planted = image_corpus[1]
+    manifest = run_curate(image_build, tmp_path / "c")
+    assert verify_output(str(tmp_path / "c")) == []
+    before, after = rows(image_build), rows(tmp_path / "c")
+    assert sorted(before) == sorted(after)  # every input row once, same keys and ids
+    assert all(after[k]["id"] == before[k]["id"] for k in before)
+    expected = {key: f"duplicate:{method}:{kept}" for key, (method, kept) in planted.items()}
+    assert removed(after) == expected  # every planted duplicate, and nothing unique
+    for key, (_, kept) in planted.items():
+        assert after[kept]["status"] == "written" and after[key]["duplicate_of"] == kept
+    assert manifest["counts"] == {"inputs": 25, "written": 19, "filtered": 6, "failed": 0}
+    assert manifest["curate"]["removed"] == {"duplicate:exact_image": 2, "duplicate:exact_text": 1, "duplicate:phash": 3}
+    # the kept samples' members and embeddings are the input's, byte for byte
+    index = json.load(open(tmp_path / "c" / "index" / "index_infos.json"))
+    assert index["image"]["n"] == 19
+    emb_in = np.concatenate([np.load(f) for f in sorted(glob.glob(f"{image_build}/embeddings/image/*.npy"))])
+    in_rows = {k: r for k, r in before.items() if r["status"] == "written"}
+    order_in = sorted(in_rows, key=lambda k: (in_rows[k]["row"], k))
+    emb_out = np.concatenate([np.load(f) for f in sorted(glob.glob(f"{tmp_path}/c/embeddings/image/*.npy"))])
+    kept_keys = [k for k in sorted(after) if after[k]["status"] == "written"]
+    by_key_in = {}
+    for f in sorted(glob.glob(f"{image_build}/shards/*.parquet")):
+        t = [r for r in pq.read_table(f).to_pylist() if r["status"] == "written"]
+        e = np.load(f.replace("shards", "embeddings/image").replace(".parquet", ".npy"))
+        by_key_in.update({r["key"]: e[r["row"]] for r in t})
+    assert np.array_equal(emb_out, np.stack([by_key_in[k] for k in kept_keys]))
+    assert len(order_in) == len(emb_in)
+
+
+def test_repeated_pair_removed_by_semantic_pair_dedup(image_build, tmp_path):
+    # exact and perceptual off: the repeated image+caption pair (same image bytes, caption in other
+    # case) is found on the fused image+text embeddings alone
+    run_curate(image_build, tmp_path / "c", exact=[], phash_max_distance=-1, semantic=["pair"], semantic_eps=1e-4)
+    after = rows(tmp_path / "c")
+    assert removed(after) == {"z_pair_moon": "duplicate:semantic_pair:u_moon"}
+    assert after["z_pair_moon"]["duplicate_score"] >= 1 - 1e-4
+
+
+def test_caption_filters_language_words_tokens(image_build, tmp_path):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    words = sorted({w for _, c in PHOTOS.values() for w in c.lower().split()})
+    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(["[UNK]"] + words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    run_curate(image_build, tmp_path / "c", exact=[], phash_max_distance=-1, languages=["en"],
+               language_min_score=0.2, min_words=4, tokenizer=str(tmp_path / "tokenizer.json"), max_tokens=10)
+    after = rows(tmp_path / "c")
+    reasons = removed(after)
+    for name in FOREIGN:
+        assert reasons[stem(name)] == "filter:language", (name, after[stem(name)]["language"])
+    assert {after[stem(n)]["language"] for n in FOREIGN} == {"fr", "de", "es"}
+    # "a brick wall" is English with a confidence below 0.2; "the scikit-image logo" is too short
+    assert reasons["u_brick"] == "filter:language" and after["u_brick"]["language_score"] < 0.2
+    assert reasons["u_logo"] == "filter:words" and after["u_logo"]["words"] == 3
+    for key, r in after.items():
+        expected_tokens = len(Whitespace().pre_tokenize_str(r["caption"]))
+        assert r["tokens"] == expected_tokens
+        if key not in reasons:
+            assert r["language"] == "en" and r["words"] >= 4 and r["tokens"] <= 10
+        elif reasons[key] == "filter:tokens":
+            assert r["tokens"] > 10 and r["language"] == "en"
+    assert "filter:tokens" in reasons.values()
+
+
+def test_clip_score_filters(image_build, tmp_path):
+    run_curate(image_build, tmp_path / "top", exact=[], phash_max_distance=-1, clip_top_fraction=0.5)
+    top = rows(tmp_path / "top")
+    kept = [r["clip_score"] for r in top.values() if r["status"] == "written"]
+    cut = [r["clip_score"] for r in top.values() if r["reason"] == "filter:clip_top_fraction"]
+    assert len(kept) == 13 and len(cut) == 12 and min(kept) >= max(cut)
+    threshold = float(np.median([r["clip_score"] for r in top.values()]))
+    run_curate(image_build, tmp_path / "min", exact=[], phash_max_distance=-1, clip_min=threshold)
+    low = rows(tmp_path / "min")
+    assert {k for k, r in low.items() if r["status"] != "written"} == {k for k, r in low.items() if r["clip_score"] < threshold}
+    assert all(r["reason"] == "filter:clip_score" for r in low.values() if r["status"] != "written")
+
+
+def test_decontamination_names_the_eval_sample(image_build, image_corpus, tmp_path):
+    eval_dir = tmp_path / "eval"
+    eval_dir.mkdir()
+    # an evaluation set holding two of the training captions (on other images)
+    (eval_dir / "e_one.jpg").write_bytes(jpeg(skimage_photo("text.png")))
+    (eval_dir / "e_one.txt").write_text(PHOTOS["clock_motion.png"][1])
+    (eval_dir / "e_two.jpg").write_bytes(jpeg(skimage_photo("phantom.png")))
+    (eval_dir / "e_two.txt").write_text(PHOTOS["horse.png"][1])
+    run_build(eval_dir, tmp_path / "eval_out", workers=1, image_size=128, **MODEL)
+    run_curate(image_build, tmp_path / "c", exact=[], phash_max_distance=-1, exclude_near=str(tmp_path / "eval_out"),
+               exclude_modality="text", exclude_min_cosine=0.999)
+    after = rows(tmp_path / "c")
+    assert removed(after) == {"u_clock_motion": "decontaminate:e_one", "u_horse": "decontaminate:e_two"}
+    assert after["u_clock_motion"]["decontaminate_cosine"] >= 0.999
+
+
+def test_same_bytes_on_every_engine_and_worker_count(image_build, tmp_path):
+    outs = {}
+    for name, kw in {"local1": dict(workers=1), "local2": dict(workers=2), "dask": dict(engine="dask", workers=2)}.items():
+        run_curate(image_build, tmp_path / name, semantic=["image", "pair"], **kw)
+        outs[name] = tmp_path / name
+
+    def files(out):
+        found = {}
+        for path in sorted(glob.glob(f"{out}/**/*", recursive=True)):
+            rel = os.path.relpath(path, out)
+            if os.path.isfile(path) and rel not in ("manifest.json", "index/index_infos.json"):  # timings
+                found[rel] = open(path, "rb").read()
+        return found
+
+    ref = files(outs["local1"])
+    assert "index/image.index" in ref and "shards/00000.tar" in ref
+    for name, out in outs.items():
+        assert files(out) == ref, name
+        m = json.load(open(out / "manifest.json"))
+        assert m["counts"] == json.load(open(outs["local1"] / "manifest.json"))["counts"]
+
+
+def test_semantic_dedup_on_clustered_vectors(tmp_path):
+    """Planted near-duplicates among clustered vectors are found and name their original; no other
+    vector is removed; the rule keeps the member nearest its centre."""
+    rng = np.random.default_rng(1)
+    n, d = 3000, 32
+    centres = rng.standard_normal((12, d))
+    x = centres[rng.integers(0, 12, n)] + 1.0 * rng.standard_normal((n, d))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    src, dst = np.arange(0, 100), np.arange(n - 100, n)
+    x[dst] = x[src] + 0.003 * rng.standard_normal((100, d))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    (tmp_path / "e").mkdir()
+    np.save(tmp_path / "e" / "x.npy", x.astype(np.float32))
+    vs = VectorSet([{"url": str(tmp_path / "e"), "rels": ["x.npy"]}], np.zeros(n, np.int64), np.arange(n))
+    dup, kept, cos = semantic_dedup(vs, 0.001, out=OutputDir(str(tmp_path / "s")), folder="scratch", n_clusters=10)
+    assert {frozenset(p) for p in zip(dup.tolist(), kept.tolist())} == {frozenset(p) for p in zip(src, dst)}
+    assert (cos >= 0.999).all()
+    # within a group, the sample kept is the one ranked first; chains name the first
+    rows_ = np.stack([[1, 0], [0.99999, 0.0045], [0.9999, 0.014]]).astype(np.float32)
+    rows_ /= np.linalg.norm(rows_, axis=1, keepdims=True)
+    d_, k_, _ = dedup_cluster(rows_, 0.9999)
+    assert d_.tolist() == [1, 2] and k_.tolist() == [0, 0]
+
+
+def test_bad_inputs(image_build, tmp_path):
+    runner = CliRunner()
+    not_build = tmp_path / "nothing"
+    not_build.mkdir()
+    r = runner.invoke(app, ["curate", str(not_build), "--out", str(tmp_path / "o1")])
+    assert r.exit_code == 2 and "not a finished mmdata build" in r.output
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    r = runner.invoke(app, ["curate", image_build, "--out", str(busy)])
+    assert r.exit_code == 2 and "not empty" in r.output
+    r = runner.invoke(app, ["curate", image_build, "--out", str(busy), "--overwrite"])
+    assert r.exit_code == 2 and "not an mmdata output" in r.output and (busy / "notes.txt").exists()
+    r = runner.invoke(app, ["curate", image_build, "--out", str(tmp_path / "o2"), "--max-tokens", "5"])
+    assert r.exit_code == 2 and "need --tokenizer" in r.output
+    r = runner.invoke(app, ["curate", image_build, "--out", str(tmp_path / "o3"), "--tokenizer", str(tmp_path / "no.json")])
+    assert r.exit_code == 2 and "cannot load tokenizer" in r.output
+    r = runner.invoke(app, ["curate", image_build, "--out", str(tmp_path / "o4"), "--semantic", "audio"])
+    assert r.exit_code == 2 and "no audio embeddings" in r.output
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("curate:\n  semantic_eps: 2\n")
+    r = runner.invoke(app, ["curate", image_build, "--out", str(tmp_path / "o5"), "--config", str(cfg)])
+    assert r.exit_code == 2 and "semantic_eps" in r.output
+    with pytest.raises(UserError):
+        run_curate(image_build, image_build)
+    # the CLI's happy path, then a second run into the same folder needs --overwrite
+    r = runner.invoke(app, ["curate", image_build, "--out", str(tmp_path / "ok")])
+    assert r.exit_code == 0, r.output
+    assert "removed      3  duplicate:phash" in r.output
+    r = runner.invoke(app, ["curate", image_build, "--out", str(tmp_path / "ok")])
+    assert r.exit_code == 2
+    r = runner.invoke(app, ["curate", image_build, "--out", str(tmp_path / "ok"), "--overwrite"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["verify", str(tmp_path / "ok")])
+    assert r.exit_code == 0, r.output
