@@ -245,34 +245,103 @@ def test_bad_inputs(image_build, tmp_path):
     runner = CliRunner()
     not_build = tmp_path / "nothing"
     not_build.mkdir()
-    r = runner.invoke(app, ["curate", str(not_build), "--out", str(tmp_path / "o1")])
+    r = runner.invoke(app, ["curate", "--workers", "1", str(not_build), "--out", str(tmp_path / "o1")])
     assert r.exit_code == 2 and "not a finished mmdata build" in r.output
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
-    r = runner.invoke(app, ["curate", image_build, "--out", str(busy)])
+    r = runner.invoke(app, ["curate", "--workers", "1", image_build, "--out", str(busy)])
     assert r.exit_code == 2 and "not empty" in r.output
-    r = runner.invoke(app, ["curate", image_build, "--out", str(busy), "--overwrite"])
+    r = runner.invoke(app, ["curate", "--workers", "1", image_build, "--out", str(busy), "--overwrite"])
     assert r.exit_code == 2 and "not an mmdata output" in r.output and (busy / "notes.txt").exists()
-    r = runner.invoke(app, ["curate", image_build, "--out", str(tmp_path / "o2"), "--max-tokens", "5"])
+    r = runner.invoke(app, ["curate", "--workers", "1", image_build, "--out", str(tmp_path / "o2"), "--max-tokens", "5"])
     assert r.exit_code == 2 and "need --tokenizer" in r.output
-    r = runner.invoke(app, ["curate", image_build, "--out", str(tmp_path / "o3"), "--tokenizer", str(tmp_path / "no.json")])
+    r = runner.invoke(app, ["curate", "--workers", "1", image_build, "--out", str(tmp_path / "o3"), "--tokenizer", str(tmp_path / "no.json")])
     assert r.exit_code == 2 and "cannot load tokenizer" in r.output
-    r = runner.invoke(app, ["curate", image_build, "--out", str(tmp_path / "o4"), "--semantic", "audio"])
+    r = runner.invoke(app, ["curate", "--workers", "1", image_build, "--out", str(tmp_path / "o4"), "--semantic", "audio"])
     assert r.exit_code == 2 and "no audio embeddings" in r.output
     cfg = tmp_path / "c.yaml"
     cfg.write_text("curate:\n  semantic_eps: 2\n")
-    r = runner.invoke(app, ["curate", image_build, "--out", str(tmp_path / "o5"), "--config", str(cfg)])
+    r = runner.invoke(app, ["curate", "--workers", "1", image_build, "--out", str(tmp_path / "o5"), "--config", str(cfg)])
     assert r.exit_code == 2 and "semantic_eps" in r.output
     with pytest.raises(UserError):
         run_curate(image_build, image_build)
     # the CLI's happy path, then a second run into the same folder needs --overwrite
-    r = runner.invoke(app, ["curate", image_build, "--out", str(tmp_path / "ok")])
+    r = runner.invoke(app, ["curate", "--workers", "1", image_build, "--out", str(tmp_path / "ok")])
     assert r.exit_code == 0, r.output
     assert "removed      3  duplicate:phash" in r.output
-    r = runner.invoke(app, ["curate", image_build, "--out", str(tmp_path / "ok")])
+    r = runner.invoke(app, ["curate", "--workers", "1", image_build, "--out", str(tmp_path / "ok")])
     assert r.exit_code == 2
-    r = runner.invoke(app, ["curate", image_build, "--out", str(tmp_path / "ok"), "--overwrite"])
+    r = runner.invoke(app, ["curate", "--workers", "1", image_build, "--out", str(tmp_path / "ok"), "--overwrite"])
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["verify", str(tmp_path / "ok")])
     assert r.exit_code == 0, r.output
+
+
+SENTENCES = [("en", "The birch canoe slid on the smooth planks."), ("en+f3", "Glue the sheet to the dark blue background."),
+             ("en+m3", "It is easy to tell the depth of a well."), ("en-us", "These days a chicken leg is a rare dish."),
+             ("en+f2", "Rice is often served in round bowls."), ("en+m1", "The juice of lemons makes fine punch."),
+             ("en+f4", "The box was thrown beside the parked truck.")]
+
+
+@pytest.fixture(scope="module")
+def audio_build(tmp_path_factory):
+    """Five spoken sentences (espeak-ng); the first again at another gain and sample rate, the second
+    copied byte for byte; near silence, a very quiet sentence, a clipped one. Built with mel-stats."""
+    import soxr
+
+    if not shutil.which("espeak-ng"):
+        pytest.skip("needs espeak-ng (apt-get install espeak-ng)")
+    root, tmp = tmp_path_factory.mktemp("cur_audio"), tmp_path_factory.mktemp("cur_audio_parts")
+
+    def speak(i):
+        voice, text = SENTENCES[i]
+        subprocess.run(["espeak-ng", "-v", voice, "-w", str(tmp / f"s{i}.wav"), text], check=True)
+        x, sr = sf.read(tmp / f"s{i}.wav", dtype="float32")
+        return x / np.abs(x).max(), sr
+
+    def put(key, x, sr, caption):
+        sf.write(root / f"{key}.wav", x, sr, subtype="PCM_16")
+        (root / f"{key}.txt").write_text(caption)
+
+    for i in range(5):
+        x, sr = speak(i)
+        put(f"a_speech{i}", 0.5 * x, sr, f"spoken sentence number {i}")
+    x, sr = speak(0)
+    put("z_gain_speech0", soxr.resample(0.15 * x, sr, 44100), 44100, "the first sentence again, quieter, at 44.1 kHz")
+    shutil.copy(root / "a_speech1.wav", root / "z_copy_speech1.wav")
+    (root / "z_copy_speech1.txt").write_text("the second sentence copied under another name")
+    rng = np.random.default_rng(0)
+    put("b_silence", (1e-4 * rng.standard_normal(32000)).astype(np.float32), 16000, "two seconds of near silence")
+    x, sr = speak(5)
+    put("b_quiet", 0.003 * x, sr, "a very quiet sentence")
+    x, sr = speak(6)
+    put("b_clipped", np.clip(6 * x, -1, 1), sr, "a sentence played far too loud")
+    out = tmp_path_factory.mktemp("cur_audio_out")
+    run_build(root, out, workers=1, require=["audio", "text"], audio_encoder="mel-stats")
+    return str(out)
+
+
+def test_planted_audio_duplicates(audio_build, tmp_path):
+    run_curate(audio_build, tmp_path / "c", semantic=["audio"], semantic_eps_by_modality={"audio": 0.002})
+    assert verify_output(str(tmp_path / "c")) == []
+    after = rows(tmp_path / "c")
+    gone = removed(after)
+    assert gone.pop("z_copy_speech1") == "duplicate:exact_audio:a_speech1"
+    # the same speech at another gain and rate: one of the two stays (the one nearer its k-means
+    # centre) and the other's ledger names it
+    assert len(gone) == 1
+    (key, reason), = gone.items()
+    other = ({"a_speech0", "z_gain_speech0"} - {key}).pop()
+    assert reason == f"duplicate:semantic_audio:{other}" and after[key]["duplicate_score"] >= 0.998
+    assert json.load(open(tmp_path / "c" / "index" / "index_infos.json"))["audio"]["n"] == 8
+
+
+def test_audio_filters_speech_loudness_clipping(audio_build, tmp_path):
+    run_curate(audio_build, tmp_path / "c", exact=[], min_speech_ratio=0.3, min_loudness=-45, max_clipping=0.01)
+    after = rows(tmp_path / "c")
+    assert removed(after) == {"b_silence": "filter:speech_ratio", "b_quiet": "filter:loudness", "b_clipped": "filter:clipping"}
+    assert after["b_quiet"]["loudness"] < -45 < after["z_gain_speech0"]["loudness"]
+    assert after["b_clipped"]["clipping"] > 0.01 and after["a_speech0"]["clipping"] == 0
+    assert after["b_silence"]["speech_ratio"] < 0.3
+    assert all(after[f"a_speech{i}"]["speech_ratio"] > 0.5 for i in range(5))

@@ -17,11 +17,15 @@ VAD_RATE = 16000
 def _vad():
     import torch
 
+    import warnings
+
     threads = torch.get_num_threads()
     from silero_vad import load_silero_vad
 
     torch.set_num_threads(threads)  # importing silero_vad sets torch to one thread for the process
-    return load_silero_vad(onnx=True)
+    with warnings.catch_warnings():  # silero_vad locates its model with a deprecated importlib call
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return load_silero_vad(onnx=True)
 
 
 def decode(data: bytes) -> tuple[np.ndarray, int]:

@@ -102,9 +102,9 @@ def filters(dec: Decisions, cfg: CurateConfig) -> None:
                     and (lang[p] not in keep or score[p] < cfg.language_min_score)], "filter:language")
     _threshold(dec, dec.scores["words"], "words", cfg.min_words, cfg.max_words)
     _threshold(dec, dec.scores["tokens"], "tokens", cfg.min_tokens, cfg.max_tokens)
-    _threshold(dec, dec.scores["speech_ratio"], "speech_ratio", cfg.min_speech_ratio, cfg.max_speech_ratio)
     _threshold(dec, dec.scores["loudness"], "loudness", cfg.min_loudness, cfg.max_loudness)
     _threshold(dec, dec.scores["clipping"], "clipping", None, cfg.max_clipping)
+    _threshold(dec, dec.scores["speech_ratio"], "speech_ratio", cfg.min_speech_ratio, cfg.max_speech_ratio)
 
 
 def exact(dec: Decisions, feats: dict, cfg: CurateConfig) -> None:
