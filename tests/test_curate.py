@@ -197,8 +197,10 @@ def test_decontamination_names_the_eval_sample(image_build, image_corpus, tmp_pa
 
 def test_same_bytes_on_every_engine_and_worker_count(image_build, tmp_path):
     outs = {}
-    for name, kw in {"local1": dict(workers=1), "local2": dict(workers=2), "dask": dict(engine="dask", workers=2)}.items():
-        run_curate(image_build, tmp_path / name, semantic=["image", "pair"], **kw)
+    engines = {"local1": dict(workers=1), "local2": dict(workers=2), "dask": dict(engine="dask", workers=2),
+               "beam": dict(engine="beam", workers=1)}
+    for name, kw in engines.items():
+        run_curate(image_build, tmp_path / name, semantic=["pair"], **kw)
         outs[name] = tmp_path / name
 
     def files(out):

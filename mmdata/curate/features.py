@@ -19,7 +19,6 @@ from mmdata.curate import audio as audio_measures
 from mmdata.curate import text as text_measures
 from mmdata.storage import OutputDir
 from mmdata.writers.table import table_bytes
-from mmdata.writers.tar import read_tar_samples
 
 IMAGE_MEMBERS = ("jpg", "png", "webp")
 FEATURES_SCHEMA = pa.schema([
@@ -52,6 +51,20 @@ class FeatureTask:
     speech: bool
 
 
+def read_members(data: bytes) -> dict[str, dict[str, bytes]]:
+    """``{key: {ext: bytes}}`` of a shard that mmdata wrote (member ``{key}.{ext}``, keys without dots,
+    as webdataset splits them), read with ``tarfile`` alone: workers need not import webdataset (and torch)."""
+    import tarfile
+
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for info in tar:
+            if info.isfile():
+                key, _, ext = info.name.rpartition("/")[2].partition(".")
+                samples.setdefault(key, {})[ext] = tar.extractfile(info).read()
+    return samples
+
+
 def phash64(data: bytes) -> int:
     """The 64-bit DCT perceptual hash (imagehash.phash, 8x8) of an encoded image, as a signed int64."""
     import imagehash
@@ -68,7 +81,7 @@ def run_feature_task(task: FeatureTask) -> dict:
     build, out = OutputDir(task.build), OutputDir(task.out)
     table = pq.read_table(io.BytesIO(build.read_bytes(f"shards/{task.name}.parquet")),
                           columns=["key", "status", "caption"], use_threads=False).to_pylist()
-    members = dict(read_tar_samples(io.BytesIO(build.read_bytes(f"shards/{task.name}.tar"))))
+    members = read_members(build.read_bytes(f"shards/{task.name}.tar"))
     rows = []
     for pos, r in enumerate(table):
         if r["status"] != "written":

@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 
+from mmdata import __version__
 from mmdata.config import BuildConfig
 from mmdata.curate import decide
 from mmdata.curate.config import CurateConfig
@@ -38,6 +39,9 @@ def _prepare_output(out: OutputDir, overwrite: bool) -> None:
         clear_output(out)
     out.remove(SCRATCH)
     out.ensure_writable()
+    # marks the folder as an mmdata output from the start, so a run killed midway can be --overwritten;
+    # the finished manifest replaces it
+    out.write_bytes("manifest.json", json.dumps({"mmdata_version": __version__, "curate": {"finished": False}}).encode())
 
 
 def _engine_config(build: InputBuild, cfg: CurateConfig, out_url: str) -> BuildConfig:
@@ -129,7 +133,7 @@ def curate(build_url: str, out_url: str, cfg: CurateConfig) -> dict:
         c = merged["counts"]
         if c["inputs"] != len(build) or c["inputs"] != c["written"] + c["filtered"] + c["failed"]:
             raise UserError(f"curated counts do not reconcile with the build's {len(build)} rows: {c}")
-        manifest = {"mmdata_version": package_versions()["mmdata"], "config": config.model_dump(mode="json"),
+        manifest = {"mmdata_version": __version__, "config": config.model_dump(mode="json"),
                     "config_hash": config.config_hash, "versions": package_versions(), **merged,
                     "units": len(names), "shards": [s["shard"] for s in all_stats],
                     "curate": {"source": build.url, "config": cfg.content_dict(), "config_hash": curate_hash,

@@ -17,10 +17,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmdata.curate.decide import SCORE_COLUMNS
+from mmdata.curate.features import read_members
 from mmdata.schema import SHARD_SCHEMA
 from mmdata.storage import OutputDir
 from mmdata.writers.table import table_bytes
-from mmdata.writers.tar import read_tar_samples, write_tar
+from mmdata.writers.tar import write_tar
 
 CURATE_FIELDS = [
     pa.field("clip_score", pa.float32()),
@@ -71,7 +72,7 @@ def run_write_task(task: WriteTask) -> dict:
     tables = {s: pq.read_table(io.BytesIO(build.read_bytes(f"shards/{s}.parquet")), use_threads=False).to_pylist()
               for s in sources}
     needed = {s for p in plan if p["status"] == "written" for s in [p["in_shard"]]}
-    members = {s: dict(read_tar_samples(io.BytesIO(build.read_bytes(f"shards/{s}.tar")))) for s in sorted(needed)}
+    members = {s: read_members(build.read_bytes(f"shards/{s}.tar")) for s in sorted(needed)}
     rows, written, emb_rows = [], [], []
     for p in plan:
         row = dict(tables[p["in_shard"]][p["in_pos"]])
