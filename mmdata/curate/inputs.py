@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mmdata.curate.vectors import VectorSet, _open
+from mmdata.curate.vectors import VectorSet, open_rows
 from mmdata.errors import UserError
 from mmdata.storage import OutputDir
 
@@ -75,7 +75,7 @@ class InputBuild:
             rels = [f"embeddings/{m}/{name}.npy" for m in mods]
             present = np.ones(len(r), dtype=bool)
             for rel in rels:
-                present &= np.any(np.asarray(_open(self.url, rel)[r]) != 0, axis=1)
+                present &= np.any(np.asarray(open_rows(self.url, rel)[r]) != 0, axis=1)
             parts.append({"url": self.url, "rels": rels})
             part.append(np.full(int(present.sum()), len(parts) - 1, dtype=np.int64))
             rows.append(r[present])

@@ -21,6 +21,7 @@ from mmdata.curate.vectors import VectorSet, load_npy, save_npy
 from mmdata.storage import OutputDir
 
 BLOCK = 1024  # rows of the similarity matrix computed at once (memory: BLOCK x cluster size floats)
+TASK_BYTES = 256 * 2**20  # float32 vectors one cluster task holds, about (a cluster bigger than this is one task)
 
 
 def default_clusters(n: int) -> int:
@@ -59,14 +60,16 @@ def assign(vectors: VectorSet, centres: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 
 def group_clusters(sizes: np.ndarray, n_tasks: int) -> list[list[int]]:
-    """Clusters into ``n_tasks`` groups of balanced pairwise work (largest first, to the lightest group)."""
+    """Clusters into ``n_tasks`` groups holding about as many vectors each (largest cluster first, to
+    the group with the fewest): a task's memory is its vectors."""
     n_tasks = max(1, min(n_tasks, int((sizes > 0).sum()) or 1))
     groups: list[list[int]] = [[] for _ in range(n_tasks)]
-    load = np.zeros(n_tasks)
+    work, rows = np.zeros(n_tasks), np.zeros(n_tasks)
     for c in sorted(np.flatnonzero(sizes > 0).tolist(), key=lambda c: (-int(sizes[c]), c)):
-        g = int(np.argmin(load))
+        g = int(np.lexsort((work, rows))[0])  # the group holding the fewest vectors, then the least work
         groups[g].append(c)
-        load[g] += float(sizes[c]) ** 2
+        work[g] += float(sizes[c]) ** 2
+        rows[g] += float(sizes[c])
     return [sorted(g) for g in groups if g]
 
 
@@ -146,7 +149,8 @@ def semantic_dedup(vectors: VectorSet, eps: float, *, out: OutputDir, folder: st
     save_npy(out, f"{folder}/cluster.npy", cluster)
     save_npy(out, f"{folder}/centre_sim.npy", sim)
     sizes = np.bincount(cluster, minlength=len(centres))
-    groups = group_clusters(sizes, 4 * max(1, parallelism))
+    n_tasks = max(4 * max(1, parallelism), math.ceil(n * vectors.dim() * 4 / TASK_BYTES))
+    groups = group_clusters(sizes, n_tasks)
     tasks = [ClusterTask(out.url, folder, t, g, 1.0 - eps, keep) for t, g in enumerate(groups)]
     if engine is None:
         for task in tasks:

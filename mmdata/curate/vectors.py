@@ -26,6 +26,7 @@ class VectorSet:
     parts: list[dict]
     part: np.ndarray
     rows: np.ndarray
+    _dim: int | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -33,7 +34,9 @@ class VectorSet:
     def dim(self) -> int:
         if not self.parts:
             return 0
-        return sum(_open(self.parts[0]["url"], rel).shape[1] for rel in self.parts[0]["rels"])
+        if self._dim is None:
+            self._dim = sum(open_rows(self.parts[0]["url"], rel).shape[1] for rel in self.parts[0]["rels"])
+        return self._dim
 
     def take(self, idx: np.ndarray) -> np.ndarray:
         """float32 vectors of candidates ``idx`` (sorted or not), in the order of ``idx``."""
@@ -51,7 +54,7 @@ class VectorSet:
 
     def read_part(self, p: int, rows: np.ndarray) -> np.ndarray:
         spec = self.parts[p]
-        blocks = [np.asarray(_open(spec["url"], rel)[rows], dtype=np.float32) for rel in spec["rels"]]
+        blocks = [np.asarray(open_rows(spec["url"], rel)[rows], dtype=np.float32) for rel in spec["rels"]]
         vec = np.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
         if len(blocks) > 1:
             vec /= np.sqrt(len(blocks))
@@ -74,16 +77,20 @@ class VectorSet:
         return cls(parts, index[0], index[1])
 
 
-_OPEN: dict[tuple[str, str], np.ndarray] = {}
+_COPIES: dict[tuple[str, str], str] = {}
 
 
-def _open(url: str, rel: str) -> np.ndarray:
-    """A memory-mapped embedding file (a local copy of a remote one), opened once per process."""
-    if (url, rel) not in _OPEN:
-        if len(_OPEN) > 256:
-            _OPEN.clear()
-        _OPEN[(url, rel)] = np.load(OutputDir(url).local_path(rel), mmap_mode="r", allow_pickle=False)
-    return _OPEN[(url, rel)]
+def open_rows(url: str, rel: str) -> np.ndarray:
+    """A memory-mapped embedding file (of a remote build: a local copy, fetched once per process).
+    Callers copy the rows they need and drop the map, so the pages read do not stay resident."""
+    out = OutputDir(url)
+    if out.local:
+        path = out.path(rel)
+    else:
+        if (url, rel) not in _COPIES:
+            _COPIES[(url, rel)] = out.local_path(rel)
+        path = _COPIES[(url, rel)]
+    return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
 def _npy(array: np.ndarray) -> bytes:

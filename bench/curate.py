@@ -1,0 +1,102 @@
+"""Semantic dedup (SemDeDup) at scale: synthetic clustered embeddings with planted near-duplicates.
+
+Writes N x 512 float16 embeddings (default 200,000; MMDATA_BENCH_CURATE_N=1000000 for the issue's
+size) as per-shard ``.npy`` files, the way a build stores them: points scattered around 1,000 centres
+(two points of one centre have cosine about 0.5), and 1 % of them followed by a planted near-duplicate
+(cosine about 0.9987). ``mmdata.curate.semantic.semantic_dedup`` (k-means, then pairwise cosine per
+cluster, eps 0.01) runs in a child process, so its peak RSS is measured alone (RUSAGE_CHILDREN of a
+small wrapper). Prints precision and recall of the planted pairs (target ≥ 0.95 each), wall time, and
+the peak RSS against 2 GiB.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+LIMIT = 2 * 2**30
+ROWS_PER_SHARD = 50_000
+CENTRES = 1000
+DUP_NOISE = 0.05
+EPS = 0.01
+
+CHILD = """
+import sys, numpy as np
+from mmdata.curate.semantic import semantic_dedup
+from mmdata.curate.vectors import VectorSet
+from mmdata.storage import OutputDir
+root, n_shards, rows = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+sizes = [np.load(f"{root}/emb/{i:05d}.npy", mmap_mode="r").shape[0] for i in range(n_shards)]
+parts = [{"url": root, "rels": [f"emb/{i:05d}.npy"]} for i in range(n_shards)]
+part = np.concatenate([np.full(s, i, np.int64) for i, s in enumerate(sizes)])
+row = np.concatenate([np.arange(s, dtype=np.int64) for s in sizes])
+dup, kept, cos = semantic_dedup(VectorSet(parts, part, row), float(sys.argv[4]), out=OutputDir(root), folder="scratch")
+np.save(f"{root}/result.npy", np.stack([dup, kept]))
+"""
+
+WRAPPER = ("import resource, subprocess, sys\n"
+           "p = subprocess.run([sys.executable, '-c', sys.argv[1], *sys.argv[2:]])\n"
+           "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)\n"
+           "sys.exit(p.returncode)\n")
+
+
+def write_corpus(root: str, n: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Shards of float16 rows; returns the planted pairs (global original, global duplicate)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((CENTRES, dim)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    os.makedirs(f"{root}/emb", exist_ok=True)
+    src, dst, start, shard = [], [], 0, 0
+    while start < n:
+        m = min(ROWS_PER_SHARD, n - start)
+        x = centres[rng.integers(0, CENTRES, m)] + rng.standard_normal((m, dim)).astype(np.float32) / np.sqrt(dim)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        n_dup = m // 100
+        picks = rng.permutation(m)[: 2 * n_dup]
+        a, b = picks[:n_dup], picks[n_dup:]
+        x[b] = x[a] + DUP_NOISE * rng.standard_normal((n_dup, dim)).astype(np.float32) / np.sqrt(dim)
+        x[b] /= np.linalg.norm(x[b], axis=1, keepdims=True)
+        np.save(f"{root}/emb/{shard:05d}.npy", x.astype(np.float16))
+        src.append(a + start)
+        dst.append(b + start)
+        start, shard = start + m, shard + 1
+    return np.concatenate(src), np.concatenate(dst), shard
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=int(os.environ.get("MMDATA_BENCH_CURATE_N", 200_000)))
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--out", default="bench_out/curate")
+    args = ap.parse_args()
+    shutil.rmtree(args.out, ignore_errors=True)
+    root = os.path.abspath(args.out)
+    src, dst, n_shards = write_corpus(root, args.n, args.dim, seed=0)
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", WRAPPER, CHILD, root, str(n_shards), str(ROWS_PER_SHARD), str(EPS)],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"semantic dedup failed: {proc.stderr[-2000:]}")
+    peak = int(proc.stdout.strip().splitlines()[-1])
+    dup, kept = np.load(f"{root}/result.npy")
+    planted = {(int(a), int(b)) for a, b in zip(src, dst)}
+    found = {(min(int(a), int(b)), max(int(a), int(b))) for a, b in zip(dup, kept)}
+    planted = {(min(a, b), max(a, b)) for a, b in planted}
+    hits = len(planted & found)
+    precision, recall = hits / max(1, len(found)), hits / max(1, len(planted))
+    print(f"{args.n:,} x {args.dim} float16 embeddings, {len(planted):,} planted near-duplicate pairs, eps {EPS}")
+    print(f"removed {len(found):,}: precision {precision:.4f}, recall {recall:.4f} (target >= 0.95 each: "
+          f"{'met' if min(precision, recall) >= 0.95 else 'NOT met'})")
+    print(f"wall time: {wall:.1f} s ({args.n / wall:,.0f} vectors/s)")
+    print(f"peak RSS of the dedup process: {peak / 2**20:.0f} MiB = {peak / LIMIT:.3f} x the 2 GiB limit")
+    shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
