@@ -31,7 +31,7 @@ class CurateConfig(BaseModel):
         default_factory=lambda: ["image", "text", "audio"],
         description="exact dedup: sha256 of the source bytes (image, audio) and of the normalised caption (text)")
     phash_max_distance: Optional[int] = Field(
-        6, ge=-1, le=32, description="perceptual image dedup: Hamming distance ≤ this between 64-bit pHashes (-1 or None: off)")
+        8, ge=-1, le=32, description="perceptual image dedup: Hamming distance ≤ this between 64-bit pHashes (-1 or None: off)")
     semantic: list[Literal["image", "text", "audio", "pair"]] = Field(
         default_factory=list, description="SemDeDup on these embeddings (pair: image and text embeddings together)")
     semantic_eps: float = Field(0.01, gt=0, lt=1, description="duplicates: cosine ≥ 1 - eps within a k-means cluster")
