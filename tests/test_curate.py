@@ -283,7 +283,13 @@ def test_bad_inputs(image_build, tmp_path):
 SENTENCES = [("en", "The birch canoe slid on the smooth planks."), ("en+f3", "Glue the sheet to the dark blue background."),
              ("en+m3", "It is easy to tell the depth of a well."), ("en-us", "These days a chicken leg is a rare dish."),
              ("en+f2", "Rice is often served in round bowls."), ("en+m1", "The juice of lemons makes fine punch."),
-             ("en+f4", "The box was thrown beside the parked truck.")]
+             ("en+f4", "The box was thrown beside the parked truck."), ("en+m2", "The hogs were fed chopped corn and garbage."),
+             ("en+f1", "Four hours of steady work faced us.")]
+
+
+def srt_time(t):
+    ms = int(round(t * 1000))
+    return f"{ms // 3600000:02d}:{ms // 60000 % 60:02d}:{ms // 1000 % 60:02d},{ms % 1000:03d}"
 
 
 @pytest.fixture(scope="module")
@@ -319,6 +325,15 @@ def audio_build(tmp_path_factory):
     put("b_quiet", 0.003 * x, sr, "a very quiet sentence")
     x, sr = speak(6)
     put("b_clipped", np.clip(6 * x, -1, 1), sr, "a sentence played far too loud")
+    # a recording split by its transcript into two segments: they share the recording's audio_sha256
+    # and are not duplicates of each other
+    (a, sr), (b, _) = speak(7), speak(8)
+    gap = np.zeros(int(0.3 * sr), np.float32)
+    put("c_talk", 0.5 * np.concatenate([gap, a, gap, b, gap]), sr, "")
+    (root / "c_talk.txt").unlink()
+    t1, t2 = len(gap) / sr, (2 * len(gap) + len(a)) / sr
+    (root / "c_talk.srt").write_text(f"1\n{srt_time(t1)} --> {srt_time(t1 + len(a) / sr)}\n{SENTENCES[7][1]}\n\n"
+                                     f"2\n{srt_time(t2)} --> {srt_time(t2 + len(b) / sr)}\n{SENTENCES[8][1]}\n")
     out = tmp_path_factory.mktemp("cur_audio_out")
     run_build(root, out, workers=1, require=["audio", "text"], audio_encoder="mel-stats")
     return str(out)
@@ -336,7 +351,9 @@ def test_planted_audio_duplicates(audio_build, tmp_path):
     (key, reason), = gone.items()
     other = ({"a_speech0", "z_gain_speech0"} - {key}).pop()
     assert reason == f"duplicate:semantic_audio:{other}" and after[key]["duplicate_score"] >= 0.998
-    assert json.load(open(tmp_path / "c" / "index" / "index_infos.json"))["audio"]["n"] == 8
+    assert after["c_talk_s0000"]["status"] == after["c_talk_s0001"]["status"] == "written"
+    assert after["c_talk_s0000"]["audio_sha256"] == after["c_talk_s0001"]["audio_sha256"]
+    assert json.load(open(tmp_path / "c" / "index" / "index_infos.json"))["audio"]["n"] == 10
 
 
 def test_audio_filters_speech_loudness_clipping(audio_build, tmp_path):

@@ -33,6 +33,12 @@ class Decisions:
     def alive(self) -> np.ndarray:
         return np.flatnonzero(self.status == "written")
 
+    def dedup_candidates(self) -> np.ndarray:
+        """Alive samples that take part in deduplication: not augmented views (made from their
+        original on purpose)."""
+        views = self.build.column("view_of")
+        return np.asarray([p for p in self.alive() if views[p] is None], dtype=np.int64)
+
     def remove(self, positions, reason: str | list[str], status: str = "filtered") -> None:
         reasons = [reason] * len(positions) if isinstance(reason, str) else reason
         for p, r in zip(positions, reasons):
@@ -109,14 +115,17 @@ def filters(dec: Decisions, cfg: CurateConfig) -> None:
 
 def exact(dec: Decisions, feats: dict, cfg: CurateConfig) -> None:
     """Identical source bytes (image_sha256, audio_sha256) or normalised caption: the first key stays."""
-    sources = {"image": dec.build.column("image_sha256"), "audio": dec.build.column("audio_sha256"),
-               "text": feats["caption_hash"]}
+    # a segment of a recording shares the recording's audio_sha256: its own audio member's hash counts
+    parents = dec.build.column("parent_key")
+    audio = [m if parents[p] is not None else s
+             for p, (s, m) in enumerate(zip(dec.build.column("audio_sha256"), feats["audio_member_sha256"]))]
+    sources = {"image": dec.build.column("image_sha256"), "audio": audio, "text": feats["caption_hash"]}
     for modality in ("image", "text", "audio"):
         if modality not in cfg.exact:
             continue
         values = sources[modality]
         groups: dict[str, list[int]] = defaultdict(list)
-        for p in dec.alive():
+        for p in dec.dedup_candidates():
             if values[p]:
                 groups[values[p]].append(int(p))
         dup, kept = [], []
@@ -133,7 +142,7 @@ def perceptual(dec: Decisions, feats: dict, max_distance: int) -> None:
     then key order) are duplicates of the nearest such image."""
     import faiss
 
-    alive = [p for p in dec.alive() if feats["phash"][p] is not None]
+    alive = [p for p in dec.dedup_candidates() if feats["phash"][p] is not None]
     if len(alive) < 2:
         return
     w, h = dec.build.column("orig_width"), dec.build.column("orig_height")

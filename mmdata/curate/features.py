@@ -7,6 +7,7 @@ decoded gets ``error`` and ends ``failed`` in the curated table.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import dataclass
 from typing import Optional
@@ -32,6 +33,7 @@ FEATURES_SCHEMA = pa.schema([
     pa.field("speech_ratio", pa.float32()),
     pa.field("loudness", pa.float32()),
     pa.field("clipping", pa.float32()),
+    pa.field("audio_member_sha256", pa.string()),
     pa.field("error", pa.string()),
 ])
 
@@ -99,6 +101,7 @@ def run_feature_task(task: FeatureTask) -> dict:
             if task.phash and image is not None:
                 row["phash"] = phash64(image)
             if task.audio and "flac" in sample:
+                row["audio_member_sha256"] = hashlib.sha256(sample["flac"]).hexdigest()
                 row.update(audio_measures.audio_measures(sample["flac"], task.speech))
         except (OSError, ValueError, RuntimeError) as exc:  # an undecodable member: this sample fails
             row = {"pos": pos, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]}

@@ -14,7 +14,7 @@ from mmdata.errors import UserError
 from mmdata.storage import OutputDir
 
 COLUMNS = ["key", "status", "reason", "row", "caption", "image_sha256", "text_sha256", "audio_sha256",
-           "orig_width", "orig_height"]
+           "orig_width", "orig_height", "parent_key", "view_of"]
 
 
 class InputBuild:

@@ -84,7 +84,7 @@ def decide_all(build: InputBuild, cfg: CurateConfig, feats: dict, out: OutputDir
     if cfg.phash_max_distance is not None:
         decide.perceptual(dec, feats, cfg.phash_max_distance)
     for modality in cfg.semantic:
-        vectors, positions = build.vectors(modality, dec.alive())
+        vectors, positions = build.vectors(modality, dec.dedup_candidates())
         dup, kept, cos = semantic_dedup(vectors, cfg.eps(modality), out=out, folder=f"{SCRATCH}/semantic_{modality}",
                                         engine=engine, n_clusters=cfg.semantic_clusters, keep=cfg.semantic_keep,
                                         train_size=cfg.semantic_train_size, seed=cfg.seed, parallelism=parallelism)
