@@ -364,3 +364,19 @@ def test_audio_filters_speech_loudness_clipping(audio_build, tmp_path):
     assert after["b_clipped"]["clipping"] > 0.01 and after["a_speech0"]["clipping"] == 0
     assert after["b_silence"]["speech_ratio"] < 0.3
     assert all(after[f"a_speech{i}"]["speech_ratio"] > 0.5 for i in range(5))
+
+
+def test_augmented_views_are_not_duplicates_of_their_original(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("chelsea.png", "coffee.png", "moon.png"):
+        (corpus / f"{stem(name)}.jpg").write_bytes(jpeg(skimage_photo(name)))
+        (corpus / f"{stem(name)}.txt").write_text(PHOTOS[name][1])
+    augment = {"image": [{"op": "horizontal_flip", "p": 1.0}], "text": [{"op": "template", "p": 1.0, "templates": ["{}"]}]}
+    run_build(corpus, tmp_path / "out", workers=1, image_size=64, augment=augment, views=1)
+    before = rows(tmp_path / "out")
+    views = [k for k, r in before.items() if r["view_of"]]
+    assert len(views) == 3 and all(before[k]["image_sha256"] == before[before[k]["view_of"]]["image_sha256"] for k in views)
+    run_curate(str(tmp_path / "out"), tmp_path / "c")
+    assert removed(rows(tmp_path / "c")) == {}
+    assert verify_output(str(tmp_path / "c")) == []
