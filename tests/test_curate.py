@@ -147,7 +147,8 @@ def test_caption_filters_language_words_tokens(image_build, tmp_path):
     tok.pre_tokenizer = Whitespace()
     tok.save(str(tmp_path / "tokenizer.json"))
     run_curate(image_build, tmp_path / "c", exact=[], phash_max_distance=-1, languages=["en"],
-               language_min_score=0.2, min_words=4, tokenizer=str(tmp_path / "tokenizer.json"), max_tokens=10)
+               language_min_score=0.2, min_words=4, tokenizer=str(tmp_path / "tokenizer.json"), max_tokens=10,
+               tokens_member=True)
     after = rows(tmp_path / "c")
     reasons = removed(after)
     for name in FOREIGN:
@@ -164,6 +165,16 @@ def test_caption_filters_language_words_tokens(image_build, tmp_path):
         elif reasons[key] == "filter:tokens":
             assert r["tokens"] > 10 and r["language"] == "en"
     assert "filter:tokens" in reasons.values()
+    # the kept samples carry the tokenizer's ids; they decode to the caption's words
+    import webdataset as wds
+
+    urls = sorted(glob.glob(f"{tmp_path}/c/shards/*.tar"))
+    for sample in wds.WebDataset(urls, shardshuffle=False).decode():
+        ids = sample["llm_tokens.npy"]
+        caption = after[sample["__key__"]]["caption"]
+        assert ids.dtype == np.int32 and len(ids) == after[sample["__key__"]]["tokens"]
+        assert tok.decode(ids.tolist()) == " ".join(w if w in words else "[UNK]"
+                                                    for w, _ in Whitespace().pre_tokenize_str(caption))
 
 
 def test_clip_score_filters(image_build, tmp_path):

@@ -33,6 +33,7 @@ def curate(
     max_words: Optional[int] = typer.Option(None, help="filter captions with more words"),
     tokenizer: Optional[str] = typer.Option(None, help="a Hugging Face tokenizer.json: token counts (offline)"),
     min_tokens: Optional[int] = typer.Option(None, help="filter captions with fewer tokens"),
+    tokens_member: Optional[bool] = typer.Option(None, "--tokens-member", help="write {key}.llm_tokens.npy (the tokenizer's ids)"),
     max_tokens: Optional[int] = typer.Option(None, help="filter captions with more tokens"),
     min_speech_ratio: Optional[float] = typer.Option(None, help="filter audio with less speech (Silero VAD)"),
     min_loudness: Optional[float] = typer.Option(None, help="filter audio quieter than this (LUFS)"),
@@ -48,7 +49,7 @@ def curate(
                  samples_per_shard=samples_per_shard, exact=_list(exact), semantic=_list(semantic),
                  semantic_eps=semantic_eps, clip_min=clip_min, clip_top_fraction=clip_top_fraction,
                  languages=_list(languages), min_words=min_words, max_words=max_words, tokenizer=tokenizer,
-                 min_tokens=min_tokens, phash_max_distance=phash_max_distance, max_tokens=max_tokens, min_speech_ratio=min_speech_ratio,
+                 min_tokens=min_tokens, tokens_member=tokens_member, phash_max_distance=phash_max_distance, max_tokens=max_tokens, min_speech_ratio=min_speech_ratio,
                  min_loudness=min_loudness, max_clipping=max_clipping, exclude_near=exclude_near,
                  exclude_min_cosine=exclude_min_cosine)
     try:

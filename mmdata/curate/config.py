@@ -50,6 +50,7 @@ class CurateConfig(BaseModel):
     min_words: Optional[int] = Field(None, ge=0, description="filter captions with fewer words")
     max_words: Optional[int] = Field(None, ge=1, description="filter captions with more words")
     tokenizer: Optional[str] = Field(None, description="a Hugging Face tokenizer.json: token counts in the table")
+    tokens_member: bool = Field(False, description="also write {key}.llm_tokens.npy (int32 ids of the tokenizer) into kept samples")
     min_tokens: Optional[int] = Field(None, ge=0, description="filter captions with fewer tokens (needs tokenizer)")
     max_tokens: Optional[int] = Field(None, ge=1, description="filter captions with more tokens (needs tokenizer)")
     min_speech_ratio: Optional[float] = Field(None, ge=0, le=1, description="filter audio whose share of speech (Silero VAD) is below this")
@@ -98,8 +99,8 @@ def load_curate_config(path: Optional[str] = None, **overrides) -> CurateConfig:
     except ValidationError as exc:
         parts = [f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors()]
         raise UserError(f"bad curate config: {'; '.join(parts)}") from None
-    if (cfg.min_tokens is not None or cfg.max_tokens is not None) and not cfg.tokenizer:
-        raise UserError("min_tokens / max_tokens need --tokenizer (a tokenizer.json)")
+    if (cfg.min_tokens is not None or cfg.max_tokens is not None or cfg.tokens_member) and not cfg.tokenizer:
+        raise UserError("min_tokens / max_tokens / tokens_member need --tokenizer (a tokenizer.json)")
     bad = set(cfg.semantic_eps_by_modality) - set(SEMANTIC_MODALITIES)
     if bad:
         raise UserError(f"semantic_eps_by_modality: unknown modality {sorted(bad)[0]!r} (choose: {', '.join(SEMANTIC_MODALITIES)})")

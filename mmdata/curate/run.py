@@ -125,7 +125,8 @@ def curate(build_url: str, out_url: str, cfg: CurateConfig) -> dict:
         feats = _features(build, cfg, out, engine)
         dec = decide_all(build, cfg, feats, out, engine, engine.parallelism)
         names = _write_plans(build, dec, out, config.samples_per_shard)
-        tasks = [WriteTask(build.url, out.url, SCRATCH, name, build.modalities, curate_hash) for name in names]
+        tasks = [WriteTask(build.url, out.url, SCRATCH, name, build.modalities, curate_hash,
+                           cfg.tokenizer if cfg.tokens_member else None) for name in names]
         all_stats = engine.map_tasks(run_write_task, tasks, name="curate-write")
         sizes = {s["shard"]: s["counts"]["written"] for s in all_stats}
         out.write_bytes("shards/sizes.json", json.dumps(sizes, indent=1, sort_keys=True).encode())

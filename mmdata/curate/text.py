@@ -57,7 +57,11 @@ def load_tokenizer(path: str):
         raise UserError(f"cannot load tokenizer {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
 
+def token_ids(path: str, texts: list[str]) -> list[list[int]]:
+    """The tokenizer's ids of each text (no special tokens added)."""
+    return [e.ids for e in load_tokenizer(path).encode_batch(texts, add_special_tokens=False)]
+
+
 def token_counts(path: str, texts: list[str]) -> list[int]:
     """Tokens per text (no special tokens added)."""
-    tok = load_tokenizer(path)
-    return [len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False)]
+    return [len(ids) for ids in token_ids(path, texts)]

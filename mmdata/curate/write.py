@@ -62,6 +62,7 @@ class WriteTask:
     name: str
     modalities: list[str]
     config_hash: str
+    tokenizer: str | None = None  # set: write {key}.llm_tokens.npy into kept samples
 
 
 def run_write_task(task: WriteTask) -> dict:
@@ -84,6 +85,15 @@ def run_write_task(task: WriteTask) -> dict:
             written.append((row["key"], members[p["in_shard"]][row["key"]]))
             emb_rows.append((p["in_shard"], in_row))
         rows.append(row)
+    if task.tokenizer:
+        from mmdata.curate.text import token_ids
+        from mmdata.writers.npy import npy_bytes
+
+        by_key = {r["key"]: r["caption"] for r in rows if r["status"] == "written" and r["caption"] is not None}
+        texts = [k for k, _ in written if k in by_key]
+        ids = dict(zip(texts, token_ids(task.tokenizer, [by_key[k] for k in texts])))
+        written = [(k, {**m, "llm_tokens.npy": npy_bytes(np.asarray(ids[k], dtype=np.int32))} if k in ids else m)
+                   for k, m in written]
     with out.atomic_open(f"shards/{task.name}.tar") as fh:
         write_tar(fh, written)
         tar_bytes = fh.tell()
