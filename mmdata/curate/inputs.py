@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mmdata.curate.vectors import VectorSet, open_rows
@@ -46,8 +47,7 @@ class InputBuild:
         self.pos = np.concatenate([np.arange(len(s), dtype=np.int32) for s in shard_of]) if shard_of else np.zeros(0, np.int32)
         self.status = np.asarray(self.table.column("status").to_pylist(), dtype=object)
         self.keys = self.table.column("key").to_pylist()
-        rows = self.table.column("row").to_pandas().to_numpy() if self.table.num_rows else np.zeros(0)
-        self.row = np.where(np.isnan(rows.astype(float)), -1, rows).astype(np.int64)
+        self.row = np.asarray(pc.fill_null(self.table.column("row").cast(pa.int64()), -1).to_numpy(), dtype=np.int64)
         self.written = self.status == "written"
         order = np.argsort(np.asarray(self.keys, dtype=object), kind="stable")
         self.rank = np.empty(len(order), dtype=np.int64)  # key order of each position
