@@ -395,3 +395,20 @@ def test_augmented_views_are_not_duplicates_of_their_original(tmp_path):
     run_curate(str(tmp_path / "out"), tmp_path / "c")
     assert removed(rows(tmp_path / "c")) == {}
     assert verify_output(str(tmp_path / "c")) == []
+
+
+def test_an_undecodable_member_fails_only_its_sample(image_build, tmp_path):
+    from mmdata.writers.tar import read_tar_samples, write_tar
+
+    broken = tmp_path / "broken"
+    shutil.copytree(image_build, broken)
+    tar = sorted(glob.glob(f"{broken}/shards/*.tar"))[0]
+    samples = read_tar_samples(open(tar, "rb"))
+    victim = samples[0][0]
+    samples[0][1]["jpg"] = b"not a jpeg at all"
+    with open(tar, "wb") as fh:
+        write_tar(fh, samples)
+    manifest = run_curate(str(broken), tmp_path / "c")
+    after = rows(tmp_path / "c")
+    assert after[victim]["status"] == "failed" and after[victim]["reason"] == "curate:UnidentifiedImageError"
+    assert manifest["counts"]["failed"] == 1 and verify_output(str(tmp_path / "c")) == []
