@@ -412,3 +412,14 @@ def test_an_undecodable_member_fails_only_its_sample(image_build, tmp_path):
     after = rows(tmp_path / "c")
     assert after[victim]["status"] == "failed" and after[victim]["reason"] == "curate:UnidentifiedImageError"
     assert manifest["counts"]["failed"] == 1 and verify_output(str(tmp_path / "c")) == []
+
+
+def test_every_option_is_a_flag():
+    import inspect
+
+    from mmdata.cli.curate import curate as command
+    from mmdata.curate import CurateConfig
+
+    flags = set(inspect.signature(command).parameters) - {"build", "out", "config"}
+    # per-modality eps is a mapping: only the YAML file sets it
+    assert flags == set(CurateConfig.model_fields) - {"semantic_eps_by_modality"}
