@@ -16,7 +16,7 @@ def _list(value: Optional[str]) -> Optional[list[str]]:
 def curate(
     build: str = typer.Argument(..., help="a finished build's output folder"),
     out: str = typer.Option(..., "--out", help="the curated build's folder"),
-    config: Optional[Path] = typer.Option(None, "--config", help="curate.yaml (or a build config with a curate: section)"),
+    config: Optional[Path] = typer.Option(None, "--config", help="curate.yaml: a mapping of these options, or a curate: section"),
     engine: Optional[str] = typer.Option(None, help="local | dask | beam"),
     workers: Optional[int] = typer.Option(None, min=1, help="worker processes"),
     dask_address: Optional[str] = typer.Option(None, help="Dask scheduler address"),

@@ -78,7 +78,7 @@ class CurateConfig(BaseModel):
 
 
 def load_curate_config(path: Optional[str] = None, **overrides) -> CurateConfig:
-    """Defaults < YAML at ``path`` (a mapping, or a ``curate:`` section of a build config) < ``overrides``."""
+    """Defaults < YAML at ``path`` (a mapping, or its ``curate:`` section) < ``overrides``."""
     values: dict = {}
     if path:
         try:
