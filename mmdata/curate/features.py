@@ -82,8 +82,11 @@ def run_feature_task(task: FeatureTask) -> dict:
     """Write the shard's features parquet (idempotent: same shard → same bytes); return its row count."""
     build, out = OutputDir(task.build), OutputDir(task.out)
     table = pq.read_table(io.BytesIO(build.read_bytes(f"shards/{task.name}.parquet")),
-                          columns=["key", "status", "caption"], use_threads=False).to_pylist()
-    members = read_members(build.read_bytes(f"shards/{task.name}.tar"))
+                          columns=["key", "status", "caption", "image_format", "audio_sha256"], use_threads=False).to_pylist()
+    written = [r for r in table if r["status"] == "written"]
+    needs_members = ((task.phash and any(r["image_format"] for r in written))
+                     or (task.audio and any(r["audio_sha256"] for r in written)))
+    members = read_members(build.read_bytes(f"shards/{task.name}.tar")) if needs_members else {}
     rows = []
     for pos, r in enumerate(table):
         if r["status"] != "written":
