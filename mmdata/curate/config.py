@@ -39,7 +39,7 @@ class CurateConfig(BaseModel):
     semantic_clusters: Optional[int] = Field(None, ge=1, description="k-means clusters (default: about n / 500)")
     semantic_keep: Literal["nearest", "farthest"] = Field(
         "nearest", description="which of a duplicate group stays: nearest its cluster centre (or farthest: SemDeDup's 'hard')")
-    semantic_train_size: int = Field(200_000, ge=1, description="vectors k-means trains on at most (a seeded sample)")
+    semantic_train_size: int = Field(100_000, ge=1, description="vectors k-means trains on at most (a seeded sample)")
     seed: int = Field(0, description="seed of the k-means sample and initialisation")
 
     # filters
