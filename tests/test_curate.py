@@ -130,6 +130,11 @@ def test_planted_image_and_caption_duplicates_removed_and_named(image_build, ima
         by_key_in.update({r["key"]: e[r["row"]] for r in t})
     assert np.array_equal(emb_out, np.stack([by_key_in[k] for k in kept_keys]))
     assert len(order_in) == len(emb_in)
+    # the index holds the kept samples only: a search never returns a removed one
+    from mmdata import Retriever
+
+    hits = Retriever(str(tmp_path / "c"), device="cpu").search_key("u_chelsea", k=30, modality="image")
+    assert {h.key for h in hits} == set(kept_keys) - {"u_chelsea"}
 
 
 def test_repeated_pair_removed_by_semantic_pair_dedup(image_build, tmp_path):
