@@ -23,7 +23,7 @@ MODALITIES = ("image", "text", "audio")
 RUNTIME_FIELDS = frozenset({"out", "workers", "engine", "overwrite", "progress", "dask_address", "beam_options",
                             "dask_gpu_resource", "dask_retries",
                             "device", "embed_batch_size", "index_memory_gb", "index_recall_target",
-                            "index_key", "index_distributed"})
+                            "index_key", "index_distributed", "curate"})
 
 AUGMENT_FIELDS = frozenset({"augment", "views", "augment_seed", "keep_originals", "embed_views"})
 
@@ -103,6 +103,27 @@ class BuildConfig(BaseModel):
                                      "HNSW32); default: chosen from the corpus size and index_memory_gb")
     index_distributed: Literal["auto", "on", "off"] = Field(
         "auto", description="add embeddings to the index on the engine, in parallel (auto: for IVF indexes on dask/beam)")
+
+    # curation run after the build (mmdata curate, docs/curate.md); it writes another folder, so it
+    # is not part of what this build writes (a runtime field, out of the config hash)
+    curate: Optional[dict[str, Any]] = Field(
+        None, description="run mmdata curate after the build: a mapping of its options with out: the curated folder, "
+                          "or the path of a YAML file holding one")
+
+    @field_validator("curate", mode="before")
+    @classmethod
+    def _load_curate(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                with open(value, encoding="utf-8") as fh:
+                    value = yaml.safe_load(fh) or {}
+            except OSError as exc:
+                raise UserError(f"cannot read curate config {value}: {exc.strerror or exc}") from None
+            except yaml.YAMLError as exc:
+                raise UserError(f"curate config {value} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if isinstance(value, dict) and isinstance(value.get("curate"), dict):
+            value = value["curate"]
+        return value
 
     @field_validator("require", "embed", mode="before")
     @classmethod

@@ -428,3 +428,35 @@ def test_every_option_is_a_flag():
     flags = set(inspect.signature(command).parameters) - {"build", "out", "config"}
     # per-modality eps is a mapping: only the YAML file sets it
     assert flags == set(CurateConfig.model_fields) - {"semantic_eps_by_modality"}
+
+
+def test_a_curate_section_of_the_build_config_runs_after_the_build(image_corpus, image_build, tmp_path):
+    import yaml
+
+    cfg = tmp_path / "build.yaml"
+    section = {"out": str(tmp_path / "curated"), "semantic": ["pair"], "semantic_eps": 1e-4}
+    cfg.write_text(yaml.safe_dump({"model": "mmdata-tiny", "pretrained": "random", "embedding_dtype": "float32",
+                                   "image_size": 128, "samples_per_shard": 8, "workers": 1, "curate": section}))
+    args = ["build", "--input", image_corpus[0], "--out", str(tmp_path / "out"), "--config", str(cfg), "--no-progress"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "removed      3  duplicate:phash" in r.output
+    # the section writes another folder: the build's own output and config hash are those of a build without it
+    built = json.load(open(tmp_path / "out" / "manifest.json"))
+    assert built["config_hash"] == json.load(open(f"{image_build}/manifest.json"))["config_hash"]
+    assert removed(rows(tmp_path / "curated")) == removed(rows_of_default_curation(image_build, tmp_path))
+    assert verify_output(str(tmp_path / "curated")) == []
+    # a re-run resumes the build and replaces the curated folder
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0 and "already committed" in r.output, r.output
+    # a bad section stops the build before it starts
+    for bad, message in (({"semantic": ["pair"]}, "needs out:"), ({"out": "x", "semantic_epz": 1}, "semantic_epz")):
+        cfg.write_text(yaml.safe_dump({"curate": bad}))
+        r = CliRunner().invoke(app, ["build", "--input", image_corpus[0], "--out", str(tmp_path / "never"),
+                                     "--config", str(cfg)])
+        assert r.exit_code == 2 and message in r.output and not (tmp_path / "never").exists()
+
+
+def rows_of_default_curation(build, tmp_path):
+    run_curate(build, tmp_path / "reference", semantic=["pair"], semantic_eps=1e-4)
+    return rows(tmp_path / "reference")

@@ -37,6 +37,7 @@ PANELS: dict[str, tuple[str, ...]] = {
                              "clap_model", "index", "index_memory_gb", "index_recall_target", "index_key",
                              "index_distributed"),
     "Engines": ("engine", "workers", "dask_address", "dask_gpu_resource", "dask_retries", "beam_options"),
+    "Curation": ("curate",),
 }
 # Flags whose spelling is not the field's name (kept from earlier releases).
 FLAGS: dict[str, tuple[str, ...]] = {

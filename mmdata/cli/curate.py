@@ -70,6 +70,40 @@ def curate(
     except UserError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2)
+    _summary(manifest, out)
+
+
+def curate_section(build_config) -> Optional[tuple[str, object]]:
+    """(curated folder, CurateConfig) of a build config's ``curate:`` section, checked; None without one.
+    The engine options default to the build's; an earlier curated output in that folder is replaced."""
+    from mmdata.curate import load_curate_config
+
+    if build_config.curate is None:
+        return None
+    section = {str(k).replace("-", "_"): v for k, v in build_config.curate.items()}
+    out = section.pop("out", None)
+    if not isinstance(out, str) or not out:
+        raise UserError("the curate: section needs out: the curated build's folder")
+    for name in ("engine", "workers", "dask_address", "beam_options"):
+        section.setdefault(name, getattr(build_config, name))
+    section.setdefault("overwrite", True)  # derived from the build: a re-run replaces it (mmdata files only)
+    return out, load_curate_config(**section)
+
+
+def run_curate_section(build_config, section: tuple[str, object]) -> None:
+    """Curate the finished build into the section's folder (``mmdata build`` with a ``curate:`` section)."""
+    from mmdata.curate import curate as run_curate
+
+    out, cfg = section
+    try:
+        manifest = run_curate(build_config.out, out, cfg)
+    except UserError as err:
+        typer.echo(f"error: curate: {err}", err=True)
+        raise typer.Exit(2)
+    _summary(manifest, out)
+
+
+def _summary(manifest: dict, out: str) -> None:
     c = manifest["counts"]
     typer.echo(f"{c['inputs']} rows: {c['written']} written, {c['filtered']} filtered, {c['failed']} failed")
     for reason, n in sorted(manifest["curate"]["removed"].items(), key=lambda kv: (-kv[1], kv[0])):

@@ -10,6 +10,7 @@ import typer
 
 from mmdata.cli.build_options import PanelCommand, build_command
 from mmdata.cli.curate import curate as curate_command
+from mmdata.cli.curate import curate_section, run_curate_section
 from mmdata.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -27,10 +28,13 @@ def _run_build(config: Optional[Path], flags: dict) -> None:
 
     try:
         cfg = load_config(str(config) if config else None, **flags)
+        section = curate_section(cfg)  # a curate: section is checked before the build starts
         manifest = run_build(cfg)
     except UserError as err:
         fail(str(err))
     print_summary(manifest, cfg.out)
+    if section is not None:
+        run_curate_section(cfg, section)
 
 
 # Every option of `mmdata build` comes from the config model (mmdata/cli/build_options.py).
