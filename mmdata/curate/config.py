@@ -93,6 +93,7 @@ def load_curate_config(path: Optional[str] = None, **overrides) -> CurateConfig:
         if not isinstance(loaded, dict):
             raise UserError(f"config {path} must be a mapping of field: value")
         values.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
+        values.pop("out", None)  # a build config's section names its folder; mmdata curate takes --out
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
         cfg = CurateConfig(**values)
