@@ -69,7 +69,7 @@ def curate(
         manifest = run_curate(build, out, cfg)
     except UserError as err:
         typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     _summary(manifest, out)
 
 
@@ -99,7 +99,7 @@ def run_curate_section(build_config, section: tuple[str, object]) -> None:
         manifest = run_curate(build_config.out, out, cfg)
     except UserError as err:
         typer.echo(f"error: curate: {err}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     _summary(manifest, out)
 
 

@@ -80,5 +80,8 @@ class InputBuild:
             part.append(np.full(int(present.sum()), len(parts) - 1, dtype=np.int64))
             rows.append(r[present])
             kept.append(mine[present])
-        cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64))
-        return VectorSet(parts, cat(part), cat(rows)), cat(kept)
+        return VectorSet(parts, _cat(part), _cat(rows)), _cat(kept)
+
+
+def _cat(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
