@@ -24,7 +24,7 @@ from mmdata.curate.semantic import dedup_cluster, semantic_dedup
 from mmdata.curate.vectors import VectorSet
 from mmdata.errors import UserError
 from mmdata.storage import OutputDir
-from mmdata.verify import verify_output
+from mmdata.tools.verify import verify_output
 from pipelines.demo_corpus import PHOTOS, skimage_photo
 
 MODEL = dict(model="mmdata-tiny", pretrained="random", embedding_dtype="float32")

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from mmdata import __version__
+from mmdata.version import __version__
 from mmdata.config import BuildConfig
 from mmdata.curate import decide
 from mmdata.curate.config import CurateConfig
@@ -109,7 +109,7 @@ def _write_plans(build: InputBuild, dec: decide.Decisions, out: OutputDir, per_s
 def curate(build_url: str, out_url: str, cfg: CurateConfig) -> dict:
     """Curate the build at ``build_url`` into ``out_url``; return the curated manifest."""
     from mmdata.engines.base import get_engine
-    from mmdata.finalize import merge_stats, package_versions
+    from mmdata.pipeline.finalize import merge_stats, package_versions
 
     started = time.perf_counter()
     build_url, out_url = _absolute(build_url), _absolute(out_url)
@@ -145,7 +145,7 @@ def curate(build_url: str, out_url: str, cfg: CurateConfig) -> dict:
         if build.modalities:
             manifest["embeddings"] = build.manifest["embeddings"]
             if config.index:
-                from mmdata.indexing import build_indexes
+                from mmdata.index.step import build_indexes
 
                 infos = build_indexes(config, out, [Unit(int(n), []) for n in names], engine)
                 manifest["index"] = {m: {k: i.get(k) for k in ("index_key", "n", "recall_at_10")} for m, i in infos.items()}
