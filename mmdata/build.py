@@ -8,6 +8,7 @@ from collections import Counter
 from tqdm import tqdm
 
 from mmdata.config import BuildConfig
+from mmdata.embed_switch import STAGING, finish_switch
 from mmdata.encoders.factory import check_models
 from mmdata.encoders.setup_facts import setup_facts, worker_setup_facts
 from mmdata.errors import UserError
@@ -54,6 +55,8 @@ def build(config: BuildConfig) -> dict:
     if config.overwrite:
         clear_output(out)  # only mmdata's files; a folder that is not an mmdata output is refused
     out.ensure_writable()
+    finish_switch(out)  # an `mmdata embed` killed during its switch: finish it before resuming
+    out.remove(STAGING)  # one killed before its switch: its staged units may not match what this build writes
     units, resumed = make_or_load_plan(config, out)
     committed: dict[str, dict] = {}
     if resumed:  # committed units are not handed to the engine: the bar and counts show this run's work

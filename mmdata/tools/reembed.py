@@ -9,6 +9,7 @@ encoder facts are kept. Augmented views keep zero rows unless the build embedded
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import time
@@ -87,9 +88,12 @@ def embed_unit(task: EmbedTask) -> dict:
     marker = unit_marker(task.stage, task.unit)
     encoder = _encoder(config)
     facts = encoder_facts(encoder.info(), setup_facts(config))
+    table = shard_files(task.unit)["parquet"]
+    table_bytes = out.read_bytes(table)
+    digest = hashlib.sha256(table_bytes).hexdigest()
     if out.exists(marker):
         staged = json.loads(out.read_bytes(marker))
-        if staged.get("encoder") == facts:
+        if staged.get("encoder") == facts and staged.get("table_sha256") == digest:  # same model, set-up, shard
             return staged
     samples = read_tar_samples(io.BytesIO(out.read_bytes(shard_files(task.unit)["tar"])))
     samples = [(k, {} if unembedded_view(m.get("json"), config) else m) for k, m in samples]  # views: zero rows
@@ -100,9 +104,8 @@ def embed_unit(task: EmbedTask) -> dict:
     for modality in task.keep:
         rows = np.load(io.BytesIO(out.read_bytes(embedding_file(modality, task.unit))), allow_pickle=False)
         out.write_bytes(f"{task.stage}/{embedding_file(modality, task.unit)}", npy_bytes(rows, config.embedding_dtype))
-    table = shard_files(task.unit)["parquet"]
-    out.write_bytes(f"{task.stage}/{table}", out.read_bytes(table))
-    staged = {"unit": task.unit, "rows": len(samples), "encoder": facts}
+    out.write_bytes(f"{task.stage}/{table}", table_bytes)
+    staged = {"unit": task.unit, "rows": len(samples), "encoder": facts, "table_sha256": digest}
     out.write_bytes(marker, json.dumps(staged, indent=1, sort_keys=True).encode())
     pause("unit")
     return staged
