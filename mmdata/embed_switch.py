@@ -79,13 +79,20 @@ def finish_switch(out: OutputDir) -> bool:
     return True
 
 
+_PAUSES: dict[str, int] = {}
+
+
 def pause(where: str) -> None:
-    """Tests only: ``MMDATA_TEST_EMBED_PAUSE=<seconds>`` sleeps after each staged unit and each switch
-    step, so a test can kill ``mmdata embed`` at a chosen point."""
-    seconds = os.environ.get("MMDATA_TEST_EMBED_PAUSE")
-    if seconds:
+    """Tests only: with ``MMDATA_TEST_EMBED_PAUSE=<where>:<n>`` (``unit``, ``commit``, ``switch``), the
+    n-th time this process passes ``where`` it prints ``mmdata-embed-pause <where> <n>`` and sleeps, so
+    a test can kill ``mmdata embed`` at that point."""
+    wanted = os.environ.get("MMDATA_TEST_EMBED_PAUSE")
+    if not wanted:
+        return
+    _PAUSES[where] = _PAUSES.get(where, 0) + 1
+    if wanted == f"{where}:{_PAUSES[where]}":
         import sys
         import time
 
-        print(f"mmdata-embed-pause {where}", file=sys.stderr, flush=True)
-        time.sleep(float(seconds))
+        print(f"mmdata-embed-pause {wanted}", file=sys.stderr, flush=True)
+        time.sleep(600)

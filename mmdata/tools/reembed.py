@@ -142,7 +142,9 @@ def reembed(out_url: str, on_shard: Callable[[str, int], None] = lambda name, n:
     try:
         config = BuildConfig(**{**manifest["config"], "out": out_url, **{k: v for k, v in model.items() if v is not None}})
     except ValueError as exc:
-        raise UserError(f"bad option: {str(exc).splitlines()[0]}") from None
+        errors = getattr(exc, "errors", lambda: [])()
+        why = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors) or str(exc).splitlines()[0]
+        raise UserError(f"bad option: {why}") from None
     if not config.model:
         raise UserError("give --model (an open_clip model name)")
     if manifest["config"].get("embed_in_shards"):
@@ -171,6 +173,7 @@ def reembed(out_url: str, on_shard: Callable[[str, int], None] = lambda name, n:
                                 f"({facts_difference(facts, r['encoder'])}): the workers differ; run again on one kind")
         new = dict(manifest)
         new["config"] = config.model_dump(mode="json")
+        new["config_hash"] = config.config_hash
         stats = {"encoder": facts}
         if (manifest.get("embeddings") or {}).get("audio_encoder"):  # audio embeddings are kept: so are their facts
             stats["audio_encoder"] = manifest["embeddings"]["audio_encoder"]
