@@ -13,13 +13,15 @@ import sys
 import time
 
 import pytest
+from conftest import run_build
 from typer.testing import CliRunner
 
-from conftest import run_build
 from mmdata.cli.main import app
 from mmdata.config import RUNTIME_FIELDS
 from mmdata.errors import UserError
+from mmdata.layout import clear_output
 from mmdata.reembed import EmbedTask, embed_unit, reembed
+from mmdata.storage import OutputDir
 from mmdata.verify import verify_report
 
 TINY = dict(model="mmdata-tiny", pretrained="random", embed_batch_size=8)
@@ -152,6 +154,9 @@ def test_staged_units_of_another_set_up_refuse_or_are_reembedded(base, tmp_path)
     stage = f".mmdata-embed/{config.config_hash}"
     for name in ("00000", "00001"):  # what a run killed after two units leaves
         embed_unit(EmbedTask(out, stage, config, name))
+    other = shutil.copytree(out, tmp_path / "other")  # --overwrite removes a staging with the rest of the output
+    clear_output(OutputDir(str(other)))
+    assert os.listdir(other) == []
     with pytest.raises(UserError, match="2 of 2 staged units .*torch_threads: 1 → 2"):
         reembed(out, workers=1, progress=False, torch_threads=2, **NEW)
     manifest = reembed(out, workers=1, progress=False, torch_threads=2, reembed_mismatched=True, **NEW)
