@@ -20,9 +20,9 @@ from mmdata.cli.main import app
 from mmdata.config import RUNTIME_FIELDS
 from mmdata.errors import UserError
 from mmdata.layout import clear_output
-from mmdata.reembed import EmbedTask, embed_unit, reembed
+from mmdata.tools.reembed import EmbedTask, embed_unit, reembed
 from mmdata.storage import OutputDir
-from mmdata.verify import verify_report
+from mmdata.tools.verify import verify_report
 
 TINY = dict(model="mmdata-tiny", pretrained="random", embed_batch_size=8)
 NEW = dict(model="mmdata-tiny", pretrained="random", model_seed=1)  # the model `mmdata embed` switches to
