@@ -36,7 +36,8 @@ def main() -> dict:
         os.makedirs(root)
         make_photos(root, max(1, args.n // 20))
         cfg = load_config(input=root, out=os.path.join(tmp, "out"), workers=1, samples_per_shard=10**6, progress=False,
-                          model=args.model, pretrained="random", embed=["image"], embed_batch_size=args.batch, index=False)
+                          model=args.model, pretrained="random", embed=["image"], embed_batch_size=args.batch, index=False,
+                          torch_threads=torch.get_num_threads())  # the unit fixes it: the forward alone uses the same
         unit = cut_units(list_records(cfg), cfg.samples_per_shard)[0]
         n = len(unit.records)
         encoder = make_encoder(cfg)

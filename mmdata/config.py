@@ -23,7 +23,8 @@ MODALITIES = ("image", "text", "audio")
 RUNTIME_FIELDS = frozenset({"out", "workers", "engine", "overwrite", "progress", "dask_address", "beam_options",
                             "dask_gpu_resource", "dask_retries",
                             "device", "embed_batch_size", "index_memory_gb", "index_recall_target",
-                            "index_key", "index_distributed", "curate"})
+                            "index_key", "index_distributed", "curate", "torch_threads",
+                            "reembed_mismatched"})
 
 AUGMENT_FIELDS = frozenset({"augment", "views", "augment_seed", "keep_originals", "embed_views"})
 
@@ -90,6 +91,10 @@ class BuildConfig(BaseModel):
     precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="encoder precision (autocast on GPU)")
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:1 …")
     embed_batch_size: int = Field(64, ge=1, description="encoder batch size (halved on CUDA out-of-memory)")
+    torch_threads: int = Field(1, ge=1, le=1024, description="torch threads of each worker's encoder, fixed (the count "
+                               "changes embedding bits on CPU; recorded with the embeddings). Raise it with few workers")
+    reembed_mismatched: bool = Field(False, description="re-embed committed units whose encoder set-up (device kind, "
+                                     "precision, torch threads) differs from this run's, instead of refusing to resume")
     embedding_dtype: Literal["float16", "float32"] = Field("float16", description="dtype of embeddings/<modality>/*.npy")
     embed_in_shards: bool = Field(False, description="also store {key}.<modality>_emb.npy in the samples")
     fused: Optional[Literal["mean"]] = Field(None, description="also write a fused embedding: mean of the modalities, renormalised")

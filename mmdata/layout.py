@@ -36,11 +36,12 @@ LAYOUT = re.compile(
         r"index/ids\.parquet", r"index/index_infos\.json", r"index/[A-Za-z0-9_]+\.index",
         rf"index/parts/[A-Za-z0-9_]+/(?:trained|{_N})\.index",
         rf"\.mmdata-tasks-[A-Za-z0-9_-]+/{_N}\.json", r"\.mmdata-probe-[0-9a-f]+",
+        r"\.mmdata-embed/[0-9a-f]{16}/.+",  # the staging of an interrupted `mmdata embed`
     ]) + ")" + _TMP + "$"
 )
 # folders of the layout, deepest first: removed when the files above leave them empty
 FOLDERS = (r"index/parts/[A-Za-z0-9_]+", r"index/parts", r"index", r"embeddings/[A-Za-z0-9_]+", r"embeddings",
-           r"shards", r"\.mmdata-tasks-[A-Za-z0-9_-]+")
+           r"shards", r"\.mmdata-tasks-[A-Za-z0-9_-]+", r"\.mmdata-embed/.+", r"\.mmdata-embed")
 
 
 def is_layout_file(rel: str) -> bool:

@@ -17,6 +17,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from mmdata.embed_switch import finish_switch
 from mmdata.errors import UserError
 from mmdata.index.ids import IdTable
 from mmdata.storage import OutputDir, read_bytes
@@ -65,6 +66,7 @@ class Retriever:
 
     def __init__(self, out: str, device: str = "cpu"):
         self.out = OutputDir(out)
+        finish_switch(self.out)  # an `mmdata embed` killed during its switch: finish it before reading
         if not self.out.exists("index/index_infos.json"):
             raise UserError(f"{out} has no index (build it with --model … or --audio-encoder …, without --no-index)")
         self.infos = json.loads(self.out.read_bytes("index/index_infos.json"))

@@ -33,7 +33,7 @@ PANELS: dict[str, tuple[str, ...]] = {
     "Timed transcripts": ("segment_pad", "segment_offset", "min_segment", "max_segment", "max_merge_gap"),
     "Augmentation": ("augment", "views", "augment_seed", "keep_originals", "embed_views"),
     "Embeddings and index": ("model", "pretrained", "model_seed", "embed", "precision", "device",
-                             "embed_batch_size", "embedding_dtype", "embed_in_shards", "fused", "audio_encoder",
+                             "embed_batch_size", "torch_threads", "reembed_mismatched", "embedding_dtype", "embed_in_shards", "fused", "audio_encoder",
                              "clap_model", "index", "index_memory_gb", "index_recall_target", "index_key",
                              "index_distributed"),
     "Engines": ("engine", "workers", "dask_address", "dask_gpu_resource", "dask_retries", "beam_options"),

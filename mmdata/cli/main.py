@@ -121,14 +121,26 @@ def embed(
     embedding_dtype: Optional[str] = typer.Option(None, help="float16 | float32"),
     fused: Optional[str] = typer.Option(None, help="'mean': also a fused embedding and index"),
     index: Optional[bool] = typer.Option(None, "--index/--no-index", help="rebuild the indexes (default on)"),
+    model_seed: Optional[int] = typer.Option(None, help="seed of random weights (--pretrained random)"),
+    torch_threads: Optional[int] = typer.Option(None, min=1, help="torch threads per worker (default 1)"),
+    reembed_mismatched: bool = typer.Option(False, "--reembed-mismatched",
+                                            help="re-embed staged units of an interrupted run that used another "
+                                                 "set-up (device kind, precision, threads) instead of refusing"),
+    engine: Optional[str] = typer.Option(None, help="local | dask | beam (as build)"),
+    workers: Optional[int] = typer.Option(None, min=1, help="worker processes (default: cores)"),
+    dask_address: Optional[str] = typer.Option(None, help="Dask scheduler; default: a LocalCluster"),
 ) -> None:
-    """Re-embed existing shards with another model (reads the tars; no rebuild), then re-index."""
+    """Re-embed existing shards with another model (reads the tars; no rebuild), then re-index.
+    Atomic and resumable: killed, the output keeps the old embeddings, index and manifest (or has
+    the new ones); a re-run resumes."""
     from mmdata.tools.reembed import reembed
 
     try:
         manifest = reembed(out, on_shard=lambda name, n: typer.echo(f"embedded {name}: {n} samples", err=True),
                            model=model, pretrained=pretrained, precision=precision, device=device,
-                           embed_batch_size=embed_batch_size, embedding_dtype=embedding_dtype, fused=fused, index=index)
+                           embed_batch_size=embed_batch_size, embedding_dtype=embedding_dtype, fused=fused, index=index,
+                           model_seed=model_seed, torch_threads=torch_threads, reembed_mismatched=reembed_mismatched,
+                           engine=engine, workers=workers, dask_address=dask_address, progress=False)
     except UserError as err:
         fail(str(err))
     facts = manifest["embeddings"]["encoder"]

@@ -53,8 +53,13 @@ def merge_stats(all_stats: list[dict]) -> dict:
 
 def _same(all_stats: list[dict], name: str) -> dict | None:
     facts = [s[name] for s in all_stats if name in s]
-    if any(f != facts[0] for f in facts):
-        raise UserError("units were embedded with different models; rebuild with --overwrite")
+    for f in facts:
+        if f != facts[0]:
+            from mmdata.encoders.setup_facts import facts_difference
+
+            diff = facts_difference(facts[0], f, sorted(set(facts[0]) | set(f)))
+            raise UserError(f"units were embedded with different models or set-ups ({diff}); "
+                            "rebuild with --overwrite, or resume with --reembed-mismatched")
     return facts[0] if facts else None
 
 

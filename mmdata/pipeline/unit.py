@@ -14,6 +14,8 @@ from typing import Optional, Union
 
 from mmdata.config import BuildConfig
 from mmdata.encoders.factory import audio_encoder_facts, make_audio_encoder, make_encoder
+from mmdata.encoders.setup_facts import ENCODER_FACTS  # noqa: F401  (what identifies the model: re-exported)
+from mmdata.encoders.setup_facts import SETUP_FACTS, encoder_facts, facts_difference, fix_torch_threads, setup_facts
 from mmdata.keys import key_to_id, sanitize_key
 from mmdata.layout import embedding_file, shard_files
 from mmdata.pipeline.plan import load_unit, records_table, table_digest, unit_ref
@@ -31,8 +33,6 @@ from mmdata.writers.table import table_bytes
 from mmdata.writers.tar import write_tar
 
 _CONTEXTS: dict[str, "UnitContext"] = {}
-# What identifies the model behind the embeddings (device and batch size do not).
-ENCODER_FACTS = ("model", "pretrained", "weights", "checkpoint_sha256", "seed", "embed_dim", "open_clip_version")
 
 
 class UnitContext:
@@ -44,12 +44,31 @@ class UnitContext:
         self.processor = RecordProcessor(config)
         self.views = ViewMaker(config) if config.n_views else None
         self.tokenizer = get_tokenizer(config.tokenizer) if config.tokenize else None
+        self.setup = setup_facts(config) if uses_torch_encoder(config) else {}  # device kind, precision, threads
+        if self.setup:
+            fix_torch_threads(config.torch_threads)
         self.encoder = make_encoder(config) if config.model else None
         self.audio_encoder = make_audio_encoder(config)
 
 
+def uses_torch_encoder(config: BuildConfig) -> bool:
+    return bool(config.model) or config.audio_encoder == "clap"
+
+
+def unit_facts(stats: dict) -> dict:
+    """The encoder facts a committed unit recorded: open_clip's, else CLAP's (none for mel-stats)."""
+    return stats.get("encoder") or stats.get("audio_encoder") or {}
+
+
+def setup_mismatch(config: BuildConfig, stats: dict, setup: dict) -> Optional[str]:
+    """``device: cuda → cpu`` when a committed unit's encoder ran with another set-up than ``setup``."""
+    if not uses_torch_encoder(config):
+        return None
+    return facts_difference(unit_facts(stats), setup, SETUP_FACTS)
+
+
 def get_context(config: BuildConfig) -> UnitContext:
-    key = f"{config.config_hash}:{config.out}"
+    key = f"{config.config_hash}:{config.out}:{config.device}:{config.torch_threads}"  # runtime fields a context holds
     if key not in _CONTEXTS:
         _CONTEXTS[key] = UnitContext(config)
     return _CONTEXTS[key]
@@ -91,7 +110,7 @@ def run_unit(config: BuildConfig, unit: Union[int, UnitRef, Unit]) -> dict:
     digest = plan_digest(unit)
     files = shard_files(unit.name)
     committed = read_committed(ctx.out, unit.name, config.config_hash, config.embedded_modalities, digest)
-    if committed is not None:
+    if committed is not None and not setup_mismatch(config, committed, ctx.setup):
         return {**committed, "skipped": True}
     if isinstance(unit, UnitRef):
         unit, digest = load_unit(ctx.out, unit.index)
@@ -161,9 +180,11 @@ def _run(ctx: UnitContext, config: BuildConfig, unit: Unit, files: dict, timer: 
     timer.add("write", t0)
     stats = unit_stats(unit, config, samples, timer, started, tar_bytes, digest)
     if ctx.encoder is not None:
-        stats["encoder"] = {k: v for k, v in ctx.encoder.info().items() if k in ENCODER_FACTS}
+        stats["encoder"] = encoder_facts(ctx.encoder.info(), ctx.setup)
     if ctx.audio_encoder is not None:
         stats["audio_encoder"] = audio_encoder_facts(ctx.audio_encoder)
+        if config.audio_encoder == "clap":
+            stats["audio_encoder"].update(ctx.setup)
     if embeddings:
         stats["embeddings"] = {m: {"rows": len(written), "dtype": config.embedding_dtype} for m in embeddings}
     ctx.out.write_bytes(files["stats"], json.dumps(stats, indent=1, sort_keys=True).encode())

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mmdata.embed_switch import finish_switch
 from mmdata.errors import UserError
 from mmdata.pipeline.unique_ids import duplicate_ids
 from mmdata.storage import OutputDir
@@ -134,6 +135,7 @@ def verify_report(url: str) -> tuple[list[str], dict]:
         raise UserError(f"{url}: no such folder")
     if not any(out.exists(rel) for rel in ("shards", "manifest.json", "plan.parquet")):
         raise UserError(f"{url}: not an mmdata output (no shards/, manifest.json or plan.parquet)")
+    finish_switch(out)  # an `mmdata embed` killed during its switch: its journal says how to finish it
     if not out.exists("shards/sizes.json"):
         return [f"{url}: no shards/sizes.json (build not finalized?)"], checked
     sizes = _read_json(out, "shards/sizes.json", problems)
