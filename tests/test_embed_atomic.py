@@ -136,6 +136,12 @@ def test_killed_after_the_commit_point_rolls_forward(base, reference, tmp_path, 
     out = copy(base, tmp_path)
     run_and_kill(out, point, count)
     assert glob.glob(os.path.join(out, ".mmdata-embed", "*", "SWITCH.json"))
+    if point == "commit":  # a training loader never reads a half-switched output: it refuses in one line
+        from mmdata.errors import UserError
+        from mmdata.loader import make_loader
+
+        with pytest.raises(UserError, match="switch is committed but unfinished"):
+            make_loader(out)
     assert_sound(out)  # finishes the switch first
     assert not os.path.exists(os.path.join(out, ".mmdata-embed"))
     assert snapshot(out) == reference

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 from torch.utils.data import DataLoader
 
+from mmdata.embed_switch import pending_switch
 from mmdata.errors import UserError
 from mmdata.loader.dataset import ShardStream, StreamSpec
 from mmdata.loader.decode import MODALITIES, Augment, Crop, DecodeSpec, SampleDecoder, augment_hooks
@@ -162,6 +163,9 @@ def make_loader(
     a seed drawn from ``(seed, epoch)`` and mix in the key and view themselves, as the Augmenter does.
     """
     o = OutputDir(out)
+    if pending_switch(o):  # a re-embed committed but not yet switched: never read half old, half new
+        raise UserError(f"{out}: an `mmdata embed` switch is committed but unfinished; run `mmdata verify {out}` "
+                        "(it finishes the switch) before loading")
     shards = tuple(read_shards(o))
     bad = [m for m in modalities if m not in MODALITIES]
     if bad:
