@@ -18,6 +18,7 @@ CORE = [
     "torchvision>=0.21",
 ]
 EXTRAS = {
+    "fast": ["simplejpeg>=1.7"],  # libjpeg-turbo JPEG codec with 1/8-step DCT scaling (jpeg_codec)
     "cpu": ["faiss-cpu>=1.8"],
     "gpu": ["faiss-gpu>=1.8"],
     "beam": ["apache-beam>=2.55"],

@@ -1,18 +1,25 @@
-"""Shard stage throughput: `mmdata build` (local engine) vs a bare Pillow loop (the limit).
+"""Shard stage throughput on the same photos, in one run: `mmdata build` (local engine, both JPEG
+codecs), a bare Pillow loop, a bare libjpeg-turbo (simplejpeg) loop, and img2dataset 1.47.
 
-The limit does the same decode (with JPEG draft) → EXIF/RGB → resize to 256 → JPEG encode in one
-process per core, reading the same files, writing nothing. Prints samples/s for both and the
-ratio (target ≥ 0.85).
+The bare loops do decode (with DCT scaling) → EXIF/RGB → resize to 256 (shorter side, Lanczos) →
+JPEG q95 in one spawned process per worker, reading the same files, writing nothing; start-up
+included. img2dataset runs in a side virtualenv (bench_out/i2d-venv, created on first use; it pins
+pyarrow < 18, so never the project's venv), reading the same files through file:// URLs in a parquet.
+Ratios: mmdata / img2dataset (target ≥ 2) and mmdata / the fastest bare loop (target ≥ 0.85).
 
-    python -m bench.shard_stage [--copies 12] [--workers N]
+    python -m bench.shard_stage [--images 768] [--workers N]     (SHARD_STAGE_IMAGES=3072 for the big run)
 """
 from __future__ import annotations
 
 import argparse
+import io
+import json
 import math
 import multiprocessing
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -22,76 +29,165 @@ from mmdata.build import build
 from mmdata.config import load_config
 from pipelines.demo_corpus import PHOTOS, jpeg_bytes, skimage_photo
 
+I2D_VERSION = "1.47"
+VENV = os.path.join("bench_out", "i2d-venv")
+TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+             5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+             8: Image.Transpose.ROTATE_90}
 
-def make_photos(root: str, copies: int) -> list[str]:
-    """Real photos (scikit-image's), replicated ``copies`` times as JPEG + caption pairs."""
-    paths = []
+
+def make_photos(root: str, n: int) -> list[str]:
+    """``n`` JPEG + caption pairs: scikit-image's real photos, cycled."""
+    photos = []
     for name, (stem, caption) in sorted(PHOTOS.items()):
-        data = jpeg_bytes(skimage_photo(name).resize((1024, 768)) if name != "hubble_deep_field.jpg" else skimage_photo(name))
-        for c in range(copies):
-            path = os.path.join(root, f"{stem.replace('/', '_')}_{c:04d}")
-            with open(path + ".jpg", "wb") as fh:
-                fh.write(data)
-            with open(path + ".txt", "w") as fh:
-                fh.write(caption)
-            paths.append(path + ".jpg")
+        im = skimage_photo(name)
+        photos.append((stem.replace("/", "_"), caption, jpeg_bytes(im if name == "hubble_deep_field.jpg" else im.resize((1024, 768)))))
+    paths = []
+    for i in range(n):
+        stem, caption, data = photos[i % len(photos)]
+        path = os.path.join(root, f"{stem}_{i:05d}")
+        with open(path + ".jpg", "wb") as fh:
+            fh.write(data)
+        with open(path + ".txt", "w") as fh:
+            fh.write(caption)
+        paths.append(path + ".jpg")
     return paths
 
 
-def bare_one(path: str) -> int:
+def _read(path: str) -> bytes:
     with open(path, "rb") as fh:
         data = fh.read()
     with open(path[:-4] + ".txt", "rb") as fh:
         fh.read()
-    im = Image.open(__import__("io").BytesIO(data))
-    scale = 256 / min(im.size)
-    im.draft(im.mode, (math.ceil(im.width * scale), math.ceil(im.height * scale)))
-    im = ImageOps.exif_transpose(im).convert("RGB")
+    return data
+
+
+def _fit(im: Image.Image) -> Image.Image:
     w, h = im.size
     s = 256 / min(w, h)
-    im = im.resize((round(w * s), round(h * s)), Image.Resampling.LANCZOS, reducing_gap=3.0)
-    buf = __import__("io").BytesIO()
+    return im.resize((round(w * s), round(h * s)), Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+
+def bare_one(path: str) -> int:
+    """The bare Pillow loop: draft → EXIF transpose → RGB → fit → JPEG q95."""
+    im = Image.open(io.BytesIO(_read(path)))
+    scale = 256 / min(im.size)
+    im.draft(im.mode, (math.ceil(im.width * scale), math.ceil(im.height * scale)))
+    im = _fit(ImageOps.exif_transpose(im).convert("RGB"))
+    buf = io.BytesIO()
     im.save(buf, "JPEG", quality=95)
     return len(buf.getvalue())
 
 
-def bare_loop(paths: list[str], workers: int) -> float:
+def turbo_one(path: str) -> int:
+    """The bare libjpeg-turbo loop: scaled decode (1/8 steps) → EXIF transpose → fit → JPEG q95."""
+    import numpy as np
+    import simplejpeg
+
+    data = _read(path)
+    head = Image.open(io.BytesIO(data))  # header only: size and EXIF orientation
+    scale = 256 / min(head.size)
+    arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=math.ceil(head.width * scale),
+                                 min_height=math.ceil(head.height * scale))
+    im = Image.fromarray(arr, "RGB")
+    orientation = head.getexif().get(0x0112, 1)
+    if orientation in TRANSPOSE:
+        im = im.transpose(TRANSPOSE[orientation])
+    im = _fit(im)
+    return len(simplejpeg.encode_jpeg(np.asarray(im), quality=95, colorspace="RGB", colorsubsampling="420"))
+
+
+def pool_loop(fn, paths: list[str], workers: int) -> float:
     start = time.perf_counter()
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        pool.map(bare_one, paths, chunksize=16)
+        pool.map(fn, paths, chunksize=16)
     return time.perf_counter() - start
 
 
-def mmdata_build(root: str, out: str, workers: int) -> float:
+def mmdata_build(root: str, out: str, workers: int, codec: str) -> float:
     start = time.perf_counter()
     manifest = build(load_config(input=root, out=out, workers=workers, image_size=256, samples_per_shard=100,
-                                 progress=False, overwrite=True))
-    assert manifest["counts"]["failed"] == 0
+                                 progress=False, overwrite=True, jpeg_codec=codec))
+    assert manifest["counts"]["failed"] == 0, manifest["reasons"]
     return time.perf_counter() - start
+
+
+def img2dataset_venv() -> tuple[str | None, str]:
+    """The side virtualenv's img2dataset command, or (None, why not)."""
+    exe = os.path.join(VENV, "bin", "img2dataset")
+    if not os.path.exists(exe):
+        try:
+            subprocess.run([sys.executable, "-m", "venv", "--clear", VENV], check=True, capture_output=True, text=True)
+            subprocess.run([os.path.join(VENV, "bin", "pip"), "install", "-q", f"img2dataset=={I2D_VERSION}"],
+                           check=True, capture_output=True, text=True, timeout=900)
+        except (subprocess.SubprocessError, OSError) as exc:
+            tail = (getattr(exc, "stderr", "") or str(exc)).strip().splitlines()[-3:]
+            return None, f"cannot install img2dataset {I2D_VERSION} in {VENV}: {' | '.join(tail)}"
+    return exe, ""
+
+
+def img2dataset_run(exe: str, paths: list[str], tmp: str, workers: int) -> tuple[float, int]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    urls = os.path.join(tmp, "urls.parquet")
+    captions = [open(p[:-4] + ".txt").read() for p in paths]
+    pq.write_table(pa.table({"url": ["file://" + os.path.abspath(p) for p in paths], "caption": captions}), urls)
+    out = os.path.join(tmp, "i2d")
+    start = time.perf_counter()
+    subprocess.run([exe, "--url_list", urls, "--input_format", "parquet", "--url_col", "url", "--caption_col", "caption",
+                    "--output_format", "webdataset", "--output_folder", out, "--processes_count", str(workers),
+                    "--thread_count", "4", "--image_size", "256", "--resize_mode", "keep_ratio", "--encode_quality", "95",
+                    "--number_sample_per_shard", "100", "--enable_wandb", "False"],
+                   check=True, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    stats = [os.path.join(out, f) for f in os.listdir(out) if f.endswith("_stats.json")]
+    return elapsed, sum(json.load(open(f)).get("successes", 0) for f in stats)
 
 
 def main() -> dict:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--copies", type=int, default=60)
+    parser.add_argument("--images", type=int, default=int(os.environ.get("SHARD_STAGE_IMAGES", 768)))
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     args = parser.parse_args()
+    n, w = args.images, args.workers
     tmp = tempfile.mkdtemp(prefix="mmdata-bench-")
+    rate = {}
+    why_no_i2d = ""
     try:
         root = os.path.join(tmp, "corpus")
         os.makedirs(root)
-        paths = make_photos(root, args.copies)
-        n = len(paths)
-        bare_loop(paths[:64], args.workers)  # warm the page cache and the pool start-up path
-        t_bare = min(bare_loop(paths, args.workers) for _ in range(2))
-        t_mm = min(mmdata_build(root, os.path.join(tmp, "out"), args.workers) for _ in range(2))
+        paths = make_photos(root, n)
+        pool_loop(bare_one, paths[:64], w)  # warm the page cache
+        rate["bare Pillow loop"] = n / pool_loop(bare_one, paths, w)
+        rate["bare libjpeg-turbo loop"] = n / pool_loop(turbo_one, paths, w)
+        for codec in ("pillow", "simplejpeg"):
+            rate[f"mmdata build ({codec})"] = n / mmdata_build(root, os.path.join(tmp, "out"), w, codec)
+        exe, why_no_i2d = img2dataset_venv()
+        if exe:
+            try:
+                seconds, ok = img2dataset_run(exe, paths, tmp, w)
+                rate[f"img2dataset {I2D_VERSION}"] = n / seconds
+                if ok != n:
+                    why_no_i2d = f"img2dataset wrote {ok} of {n} images"
+            except subprocess.CalledProcessError as exc:
+                why_no_i2d = "img2dataset failed: " + " | ".join((exc.stderr or "").strip().splitlines()[-3:])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    result = {"samples": n, "workers": args.workers, "bare_samples_per_s": n / t_bare, "mmdata_samples_per_s": n / t_mm,
-              "ratio": t_bare / t_mm, "target": 0.85}
-    print(f"shard stage: {n} photos → 256 px JPEG, {args.workers} workers")
-    print(f"  bare Pillow loop (limit): {result['bare_samples_per_s']:8.1f} samples/s")
-    print(f"  mmdata build (local)    : {result['mmdata_samples_per_s']:8.1f} samples/s")
-    print(f"  ratio mmdata / limit    : {result['ratio']:.3f}  (target ≥ {result['target']})")
+    print(f"shard stage: {n} photos → 256 px JPEG q95, {w} workers, start-up included")
+    for name, r in rate.items():
+        print(f"  {name:28s}: {r:8.1f} images/s")
+    mm = max(rate["mmdata build (pillow)"], rate["mmdata build (simplejpeg)"])
+    limit = max(rate["bare Pillow loop"], rate["bare libjpeg-turbo loop"])
+    result = {"images": n, "workers": w, "rates": rate, "ratio_vs_fastest_loop": mm / limit, "target_loop": 0.85}
+    print(f"  mmdata (best codec) / fastest bare loop: {mm / limit:.3f}  (target ≥ 0.85)")
+    print(f"  mmdata (pillow) / bare Pillow loop     : {rate['mmdata build (pillow)'] / rate['bare Pillow loop']:.3f}")
+    i2d = rate.get(f"img2dataset {I2D_VERSION}")
+    if i2d:
+        result["ratio_vs_img2dataset"] = mm / i2d
+        print(f"  mmdata (best codec) / img2dataset      : {mm / i2d:.2f}  (target ≥ 2)")
+    if why_no_i2d:
+        print(f"  img2dataset: {why_no_i2d}")
     return result
 
 

@@ -31,6 +31,7 @@ def image_options(config: BuildConfig) -> ImageOptions:
         min_side=config.min_image_size,
         max_aspect_ratio=config.max_aspect_ratio,
         max_pixels=config.max_pixels,
+        jpeg_codec=config.jpeg_codec,
     )
 
 
