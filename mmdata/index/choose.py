@@ -100,14 +100,16 @@ def parse_index_key(index_key: str) -> dict | None:
 
 
 def is_mergeable(index_key: str) -> bool:
-    """Whether partial indexes of this type can be merged: Flat and IVF (also under OPQ, with an
-    HNSW coarse quantizer or a refine step); not an HNSW graph."""
+    """Whether partial indexes of this type merge into the single-process bytes: Flat and IVF (also
+    under OPQ, with an HNSW coarse quantizer or a refine step); not an HNSW graph, and not 4-bit
+    fast-scan lists (faiss merges their packed blocks into a different layout)."""
     parsed = parse_index_key(index_key)
     if parsed is not None:
-        return parsed["kind"] != "hnsw"
+        return parsed["kind"] not in ("hnsw", "ivf_pq4fs")
     parts = index_key.upper().replace(" ", "").split(",")
     graph = any(p.startswith(("HNSW", "NSG", "NNDESCENT", "CAGRA")) for p in parts)
-    return not graph and any(p.startswith("IVF") or p == "FLAT" for p in parts)
+    fast_scan = any(p.endswith(("FS", "FSR")) for p in parts)
+    return not graph and not fast_scan and any(p.startswith("IVF") or p == "FLAT" for p in parts)
 
 
 def is_ivf(index_key: str) -> bool:

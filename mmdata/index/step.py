@@ -41,7 +41,7 @@ def check_index_options(config: BuildConfig) -> None:
 def distribute(config: BuildConfig, index_key: str, n_units: int, on_engine: bool) -> bool:
     """Whether to build this index on the engine (train here, add per group of units there, merge here).
 
-    ``auto``: for IVF indexes when the units ran on a cluster engine (Dask, Beam); ``on``: for any
+    ``auto``: for mergeable IVF indexes when the units ran on a cluster engine (Dask, Beam); ``on``: for any
     mergeable index (Flat, IVF), on whatever engine; never for a single unit.
     """
     from mmdata.index import is_ivf, is_mergeable
@@ -51,7 +51,7 @@ def distribute(config: BuildConfig, index_key: str, n_units: int, on_engine: boo
         raise UserError(NOT_MERGEABLE.format(key=index_key))
     if mode == "off" or n_units < 2:
         return False
-    return mode == "on" or (on_engine and config.engine != "local" and is_ivf(index_key))
+    return mode == "on" or (on_engine and config.engine != "local" and is_ivf(index_key) and is_mergeable(index_key))
 
 
 @contextlib.contextmanager
