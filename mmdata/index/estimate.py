@@ -1,14 +1,17 @@
 """Choose among the candidates that fit the budget by a quick measured estimate of their recall.
 
 Each candidate (``choose.candidates``) is built at a small scale from the bounded training sample
-the build draws anyway: the sample is shuffled (seeded); ``EST_QUERIES`` rows become held-out
+the build draws anyway, on one thread: the sample is shuffled (seeded); ``EST_QUERIES`` rows become held-out
 queries, the other rows (at most ``EST_DB``) the database, and the first ``EST_TRAIN`` of those
 train the codes, as the real build trains on a sample of the vectors it encodes. The candidate's
 factory string keeps its codes and changes only the number of lists, scaled so that a list holds
 as many vectors as at full scale (``scaled_key``); all lists are probed, so the figure is the
 recall its codes allow once nprobe is tuned high enough. Recall@10 is measured against the exact
 inner-product top-10 of the database. The candidates are then ranked by this estimate, the cheaper
-first within ``RECALL_TIE`` (``choose.rank``). An OPQ rotation trains ``EST_OPQ_NITER`` rounds here.
+first within ``RECALL_TIE`` (``choose.rank``). An OPQ rotation is measured last, and only when the
+same PQ without it ranks first (a rotation gains a few points at most and trains longest); it trains
+``EST_OPQ_NITER`` rounds here. Everything here runs on one thread: these jobs are small, and on busy
+cores faiss' threads spend longer waiting for each other than working.
 
 The estimate is for ranking: a smaller database is sparser than the corpus, so absolute recalls
 run higher than the full index's, which the build measures and reports anyway.
@@ -32,14 +35,13 @@ from mmdata.index.choose import (
     rank,
 )
 
-EST_TRAIN = 6_000
+EST_TRAIN = 5_000
 EST_DB = 15_000
 EST_QUERIES = 500
 EST_MIN_ROWS = 2_000  # below this the prior ranks the candidates
 EST_OPQ_NITER = 4
 EST_OPQ_TRAIN = 5_000
-EST_PQ_NITER = 8  # k-means rounds of the PQ codebooks here (faiss' default: 25)
-OPQ_GATE = 0.03  # OPQ is measured only when its plain PQ is within this of the best estimate
+EST_PQ_NITER = 6  # k-means rounds of the PQ codebooks here (faiss' default: 25)
 K = 10
 
 
@@ -70,12 +72,17 @@ def measure(faiss: Any, key: str, n: int, train_rows: np.ndarray, db: np.ndarray
     start = time.perf_counter()
     small, nlist = scaled_key(key, n, len(db), len(train_rows))
     index = new_index(faiss, small, db.shape[1])
+    keep = []
     for part in layers(faiss, index):
         if isinstance(part, faiss.IndexPreTransform):
             for i in range(part.chain.size()):
                 opq = faiss.downcast_VectorTransform(part.chain.at(i))
                 if isinstance(opq, faiss.OPQMatrix):
                     opq.niter, opq.max_train_points = EST_OPQ_NITER, EST_OPQ_TRAIN
+                    inner = faiss.ProductQuantizer(opq.d_out, opq.M, 8)
+                    inner.cp.niter, inner.cp.min_points_per_centroid = EST_PQ_NITER, 16
+                    opq.pq = inner  # kept alive by ``keep`` until training is done
+                    keep.append(inner)
     set_seed(faiss, index, seed)
     ivf = ivf_of(faiss, index)
     if getattr(ivf, "pq", None) is not None:
@@ -106,21 +113,12 @@ def choose_measured(sample: np.ndarray, n: int, memory_gb: float, *, max_train_v
         faiss = import_faiss()
         train_rows, db, queries = _split(np.ascontiguousarray(sample, dtype=np.float32), seed)
         _, truth = faiss.knn(queries, db, K, metric=faiss.METRIC_INNER_PRODUCT)
-        estimates: dict[str, float] = {}
-        rows = {row["key"]: row for row in record["candidates"]}
-        # the rotations last, and only where their plain PQ is close to the best: OPQ only improves on its PQ
-        for c in sorted(found, key=lambda c: c.key.startswith("OPQ")):
-            if c.key.startswith("OPQ"):
-                plain = c.key.split(",", 1)[1]
-                if plain in estimates and estimates[plain] < max(estimates.values()) - OPQ_GATE:
-                    rows[c.key]["skipped"] = f"{plain} is more than {OPQ_GATE} below the best estimate"
-                    continue
-            result = measure(faiss, c.key, n, train_rows, db, queries, truth, seed)
-            estimates[c.key] = result["recall_at_10"]
-            rows[c.key].update(estimated_recall_at_10=result["recall_at_10"], scaled_key=result["scaled_key"],
-                               estimate_seconds=result["seconds"])
-        found = rank([c for c in found if c.key in estimates], estimates)
-        record["candidates"] = [rows[c.key] for c in found] + [r for r in record["candidates"] if "skipped" in r]
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)  # small jobs: one thread is faster than waiting on busy cores
+        try:
+            found = _measure_all(faiss, found, record, n, train_rows, db, queries, truth, seed)
+        finally:
+            faiss.omp_set_num_threads(threads)
         record.update(method="measured", n_train=len(train_rows), n_db=len(db), n_queries=len(queries))
     else:
         order = {c.key: i for i, c in enumerate(found)}
@@ -128,3 +126,26 @@ def choose_measured(sample: np.ndarray, n: int, memory_gb: float, *, max_train_v
     record["chosen"] = found[0].key
     record["seconds"] = round(time.perf_counter() - start, 3)
     return found[0].key, record
+
+
+def _measure_all(faiss: Any, found: list[Candidate], record: dict, n: int, train_rows: np.ndarray, db: np.ndarray,
+                 queries: np.ndarray, truth: np.ndarray, seed: int) -> list[Candidate]:
+    """Measure the candidates (OPQ ones only where they may pay), rank them, note it all in ``record``."""
+    estimates: dict[str, float] = {}
+    rows = {row["key"]: row for row in record["candidates"]}
+    # the rotations last, and only where their plain PQ ranks first: OPQ improves on that PQ by a few
+    # points at most, and its training is the dearest of all
+    for c in sorted(found, key=lambda c: c.key.startswith("OPQ")):
+        if c.key.startswith("OPQ"):
+            plain = c.key.split(",", 1)[1]
+            leader = rank([f for f in found if f.key in estimates], estimates)[0].key if estimates else None
+            if plain != leader:
+                rows[c.key]["skipped"] = f"{plain} does not rank first ({leader} does)"
+                continue
+        result = measure(faiss, c.key, n, train_rows, db, queries, truth, seed)
+        estimates[c.key] = result["recall_at_10"]
+        rows[c.key].update(estimated_recall_at_10=result["recall_at_10"], scaled_key=result["scaled_key"],
+                           estimate_seconds=result["seconds"])
+    found = rank([c for c in found if c.key in estimates], estimates)
+    record["candidates"] = [rows[c.key] for c in found] + [r for r in record["candidates"] if "skipped" in r]
+    return found
