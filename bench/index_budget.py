@@ -56,6 +56,9 @@ index, infos = build_index(embeddings=cfg["emb"], index_path=cfg["index"], index
                            max_index_memory_usage=cfg["budget"], current_memory_available=cfg["ram"],
                            metric_type="ip", verbose=30)
 seconds = time.perf_counter() - start
+if index is None:
+    import faiss
+    index = faiss.read_index(cfg["index"])
 queries = np.load(cfg["queries"]).astype("float32")
 t = time.perf_counter()
 _, found = index.search(queries, cfg["k"])
