@@ -14,8 +14,8 @@ parameters; recall@10 is computed here, against exact search, the same way for b
 side: the index chosen, its size on disk, build seconds, recall@10, and the ratios (targets: recall at
 least autofaiss's, build time at most 1/3 of autofaiss's, size within the budget).
 
-Defaults (``make bench``): 100,000 x 512 at 0.03 GiB, the same vectors-per-byte pressure as 300k at
-0.1 GiB in a few minutes. Env: ``MMDATA_INDEX_BUDGET_N`` (sizes, comma-separated), ``MMDATA_INDEX_BUDGET_GB``
+Defaults (``make bench``): 20,000 x 512 at 0.006 GiB (about the bytes per vector of 300k at 0.1 GiB),
+so that autofaiss too finishes in a few minutes on 2 cores (it took over 20 minutes at 100k). Env: ``MMDATA_INDEX_BUDGET_N`` (sizes, comma-separated), ``MMDATA_INDEX_BUDGET_GB``
 (budgets in GiB), ``MMDATA_INDEX_BUDGET_DIM`` (512), ``MMDATA_INDEX_BUDGET_PEER=0`` (mmdata only).
 If the side virtualenv cannot be made (no network, no wheel), the reason is printed and mmdata's
 figures still are.
@@ -167,8 +167,8 @@ def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--worker":
         print(json.dumps(worker(json.loads(sys.argv[2])), default=str))
         return
-    sizes = env_list("MMDATA_INDEX_BUDGET_N", "100000", int)
-    budgets = env_list("MMDATA_INDEX_BUDGET_GB", "0.03", float)
+    sizes = env_list("MMDATA_INDEX_BUDGET_N", "20000", int)
+    budgets = env_list("MMDATA_INDEX_BUDGET_GB", "0.006", float)
     dim = int(os.environ.get("MMDATA_INDEX_BUDGET_DIM", "512"))
     peer, why = (None, "MMDATA_INDEX_BUDGET_PEER=0") if os.environ.get("MMDATA_INDEX_BUDGET_PEER") == "0" else ensure_peer()
     print(f"{os.cpu_count()} cpus; autofaiss 2.18: {why if peer is None else 'side venv ' + VENV}", flush=True)
@@ -182,14 +182,16 @@ def main() -> None:
                 ids_files.append((path, os.path.join(tmp, f"ids{i}.npy")))
                 np.save(ids_files[-1][1], ids)
             for budget in budgets:
+                header(n, dim, budget)
                 rows = {}
                 cfg = {"sources": ids_files, "index": os.path.join(tmp, "mm.index"), "memory_gb": budget,
                        "queries": qpath, "found": os.path.join(tmp, "mm_found.npy")}
                 try:
                     rows["mmdata"] = run_child([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(cfg)])
                     rows["mmdata"]["recall"] = recall(np.load(cfg["found"]), truth)
+                    row("mmdata", rows["mmdata"], budget)
                 except RuntimeError as exc:
-                    print(f"mmdata failed: {exc}")
+                    print(f"  mmdata failed: {exc}")
                 if peer is not None:
                     pcfg = {"emb": emb, "index": os.path.join(tmp, "af.index"), "infos": os.path.join(tmp, "af.json"),
                             "budget": f"{budget}G", "ram": "8G", "queries": qpath, "k": K,
@@ -197,25 +199,30 @@ def main() -> None:
                     try:
                         rows["autofaiss"] = run_child([peer, "-c", PEER_CHILD, json.dumps(pcfg)])
                         rows["autofaiss"]["recall"] = recall(np.load(pcfg["found"]), truth)
+                        row("autofaiss", rows["autofaiss"], budget)
                     except RuntimeError as exc:
-                        print(f"autofaiss failed: {exc.args[0].strip().splitlines()[-1:]}")
-                report(n, dim, budget, rows)
+                        print(f"  autofaiss failed: {exc.args[0].strip().splitlines()[-1:]}")
+                ratios(rows)
 
 
-def report(n: int, dim: int, budget: float, rows: dict) -> None:
+def header(n: int, dim: int, budget: float) -> None:
     print(f"\n{n:,} x {dim}, budget {budget} GiB ({budget * GiB / 2**20:.0f} MiB), recall@10 on {N_QUERIES} held-out "
           f"queries vs exact search", flush=True)
     print(f"  {'':<10} {'index chosen':<34} {'params':<24} {'size MiB':>9} {'build s':>9} {'recall@10':>9} {'ms/q':>7}")
-    for name, r in rows.items():
-        print(f"  {name:<10} {str(r['index_key']):<34} {str(r['params'] or '-'):<24} {r['size_bytes'] / 2**20:9.1f}"
-              f" {r['build_seconds']:9.1f} {r['recall']:9.4f} {r['ms_per_query']:7.3f}")
-    mm = rows.get("mmdata")
-    if mm:
-        i = mm["infos"]
-        print(f"  mmdata split: choose {i.get('choose_seconds', 0):.1f} s / train {i['train_seconds']:.1f} s / add "
-              f"{i['add_seconds']:.1f} s / tune {i['tune_seconds']:.1f} s; own leave-one-out recall@10 {i['recall_at_10']}; "
-              f"size / budget {mm['size_bytes'] / (budget * GiB):.2f} (target <= 1)")
-    af = rows.get("autofaiss")
+
+
+def row(name: str, r: dict, budget: float) -> None:
+    print(f"  {name:<10} {str(r['index_key']):<34} {str(r['params'] or '-'):<24} {r['size_bytes'] / 2**20:9.1f}"
+          f" {r['build_seconds']:9.1f} {r['recall']:9.4f} {r['ms_per_query']:7.3f}", flush=True)
+    if "infos" in r:
+        i = r["infos"]
+        print(f"  {'':<10} split: choose {i.get('choose_seconds', 0):.1f} s / train {i['train_seconds']:.1f} s / add "
+              f"{i['add_seconds']:.1f} s / tune {i['tune_seconds']:.1f} s; own leave-one-out recall@10 "
+              f"{i['recall_at_10']}; size / budget {r['size_bytes'] / (budget * GiB):.2f} (target <= 1)", flush=True)
+
+
+def ratios(rows: dict) -> None:
+    mm, af = rows.get("mmdata"), rows.get("autofaiss")
     if mm and af:
         print(f"  ratios mmdata/autofaiss: recall {mm['recall'] / max(af['recall'], 1e-9):.3f} (target >= 1), build time "
               f"{mm['build_seconds'] / max(af['build_seconds'], 1e-9):.3f} (target <= 0.333), size "
