@@ -106,7 +106,8 @@ class BuildConfig(BaseModel):
     clap_model: str = Field("laion/clap-htsat-unfused", description="CLAP hub id or local folder (--audio-encoder clap)")
     # index
     index: bool = Field(True, description="build a FAISS index per embedded modality at finalize")
-    index_memory_gb: float = Field(4.0, gt=0, description="memory budget of each index, in GB")
+    index_memory_gb: float = Field(4.0, gt=0, description="GiB each index may take (file and search RAM); the type with the best "
+                                   "estimated recall that fits is chosen")
     index_recall_target: float = Field(0.95, gt=0, le=1, description="recall@10 the index search parameters are tuned to")
     index_key: Optional[str] = Field(None, description="force a faiss factory string (IVF1024,Flat; OPQ16,IVF256,PQ16; "
                                      "HNSW32); default: chosen from the corpus size and index_memory_gb")

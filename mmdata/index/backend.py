@@ -39,7 +39,9 @@ def resolve_gpu(faiss: Any, use_gpu: bool | str, index_key: str) -> bool:
         raise ValueError(f"use_gpu must be True, False or 'auto', got {use_gpu!r}")
     if use_gpu is False:
         return False
-    supported = "HNSW" not in index_key.upper()
+    from mmdata.index.choose import gpu_supported  # noqa: PLC0415
+
+    supported = gpu_supported(index_key)
     available = gpu_count(faiss) > 0
     if use_gpu is True and not (available and supported):
         why = "faiss sees no GPU" if not available else f"{index_key} has no GPU implementation"
@@ -47,16 +49,112 @@ def resolve_gpu(faiss: Any, use_gpu: bool | str, index_key: str) -> bool:
     return available and supported
 
 
+REFINE_K_FACTOR = 8  # a refined index re-ranks this many times k candidates of its base
+OPQ_NITER = 20  # OPQ rounds (faiss' default 50 re-trains the PQ 50 times: it dominated whole builds)
+OPQ_MAX_TRAIN = 32_768  # vectors OPQ trains on (faiss' default 65,536)
+PQ_POINTS_PER_CENTROID = 128  # 8-bit PQ codebooks train on at most 32,768 vectors (faiss' default 65,536)
+
+
 def new_index(faiss: Any, index_key: str, dim: int) -> Any:
     """An empty inner-product index for ``index_key`` that accepts ``add_with_ids``.
 
-    IVF indexes store ids in their lists; anything else (Flat, HNSW) is wrapped in IndexIDMap.
+    IVF indexes store ids in their lists; anything else (Flat, HNSW, a refined IVF) is wrapped in
+    IndexIDMap. A refine step gets ``REFINE_K_FACTOR``, an OPQ rotation bounded training.
     """
     index = faiss.index_factory(dim, index_key, faiss.METRIC_INNER_PRODUCT)
-    if faiss.try_extract_index_ivf(index) is None and not isinstance(index, faiss.IndexIDMap):
+    wrapped = isinstance(index, faiss.IndexIDMap)
+    if not wrapped and (faiss.try_extract_index_ivf(index) is None or isinstance(index, faiss.IndexRefine)):
         # let the factory build the wrapper so that it owns the inner index
         index = faiss.index_factory(dim, f"IDMap,{index_key}", faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.try_extract_index_ivf(index)
+    pq = getattr(faiss.downcast_index(ivf), "pq", None) if ivf is not None else None
+    if pq is not None:
+        pq.cp.max_points_per_centroid = PQ_POINTS_PER_CENTROID
+    for part in layers(faiss, index):
+        if isinstance(part, faiss.IndexRefine):
+            part.k_factor = REFINE_K_FACTOR
+        elif isinstance(part, faiss.IndexPreTransform):
+            for i in range(part.chain.size()):
+                opq = faiss.downcast_VectorTransform(part.chain.at(i))
+                if isinstance(opq, faiss.OPQMatrix):
+                    opq.niter, opq.max_train_points = OPQ_NITER, OPQ_MAX_TRAIN
     return index
+
+
+def layers(faiss: Any, index: Any) -> list[Any]:
+    """The index and the indexes it wraps (IDMap, Refine's base, PreTransform), outermost first."""
+    out = []
+    while index is not None:
+        index = faiss.downcast_index(index)
+        out.append(index)
+        if isinstance(index, faiss.IndexIDMap):
+            index = index.index
+        elif isinstance(index, faiss.IndexRefine):
+            index = index.base_index
+        elif isinstance(index, faiss.IndexPreTransform):
+            index = index.index
+        else:
+            index = None
+    return out
+
+
+def hnsw_quantizer(faiss: Any, index: Any) -> Any:
+    """The HNSW coarse quantizer of an IVF index (downcast), or None."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        return None
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    return quantizer if isinstance(quantizer, faiss.IndexHNSW) else None
+
+
+def train(faiss: Any, index: Any, sample: Any) -> None:
+    """``index.train(sample)``, reproducible for an HNSW coarse quantizer too: the k-means assigns with
+    a flat index, then the graph over the centroids is rebuilt on one thread (faiss' parallel HNSW
+    insertion is not reproducible)."""
+    quantizer = hnsw_quantizer(faiss, index)
+    if quantizer is None:
+        index.train(sample)
+        return
+    ivf = faiss.extract_index_ivf(index)
+    flat = faiss.IndexFlat(ivf.d, ivf.metric_type)
+    ivf.clustering_index = flat
+    try:
+        index.train(sample)
+    finally:
+        ivf.clustering_index = None
+    centroids = quantizer.reconstruct_n(0, quantizer.ntotal)
+    quantizer.reset()
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        quantizer.add(centroids)
+    finally:
+        faiss.omp_set_num_threads(threads)
+
+
+def merge_into(faiss: Any, merged: Any, part: Any) -> None:
+    """Append ``part``'s vectors to ``merged`` (both filled from one trained index), in order.
+
+    faiss merges Flat and IVF indexes itself; an IDMap over a refined IVF (``IndexRefine`` has no
+    ``merge_from``) is merged layer by layer: the base IVF's lists (positions shifted), the refine
+    codes, then the ids.
+    """
+    import numpy as np  # noqa: PLC0415
+
+    outer = faiss.downcast_index(merged)
+    inner = faiss.downcast_index(outer.index) if isinstance(outer, faiss.IndexIDMap) else None
+    if not isinstance(inner, faiss.IndexRefine):
+        merged.merge_from(part, 0)
+        return
+    other_outer = faiss.downcast_index(part)
+    other = faiss.downcast_index(other_outer.index)
+    shift = inner.ntotal
+    inner.base_index.merge_from(other.base_index, shift)
+    inner.refine_index.merge_from(other.refine_index, 0)
+    inner.ntotal = inner.base_index.ntotal
+    ids = np.concatenate([faiss.vector_to_array(outer.id_map), faiss.vector_to_array(other_outer.id_map)])
+    faiss.copy_array_to_vector(ids.astype(np.int64), outer.id_map)
+    outer.ntotal = inner.ntotal
 
 
 # Embedding dimensions a factory string is tried at before the real one is known (the last two have
@@ -124,6 +222,9 @@ def apply_search_params(faiss: Any, index: Any, params: dict[str, int] | str) ->
     text = params if isinstance(params, str) else params_string(params)
     if text:
         faiss.ParameterSpace().set_index_parameters(index, text)
+    quantizer = hnsw_quantizer(faiss, index)
+    if quantizer is not None:  # the coarse graph search must find at least nprobe good lists
+        quantizer.hnsw.efSearch = max(64, 2 * int(faiss.extract_index_ivf(index).nprobe))
 
 
 def ivf_of(faiss: Any, index: Any) -> Any:

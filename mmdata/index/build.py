@@ -2,8 +2,10 @@
 
 The recipe (shared with the distributed build, see ``distributed.py``):
 
-1. validate every source, choose the index type (``choose.py``) unless one is forced;
-2. train the empty index on a bounded, seeded sample of the vectors;
+1. validate every source; draw a bounded, seeded sample of the vectors; unless an index type is
+   forced, choose the one with the best recall estimated on that sample among those that fit the
+   memory budget (``choose.py`` lists them, ``estimate.py`` measures them);
+2. train the empty index on the sample;
 3. add all vectors in chunks, with their int64 ids, reading the files memory-mapped;
 4. draw seeded queries from the data, compute their exact top-10 by a streamed flat scan, tune
    nprobe / efSearch to the recall target, measure recall@1/@10 and ms per query;
@@ -13,8 +15,10 @@ Determinism: with the same inputs, seed and faiss build, two CPU builds write id
 k-means is seeded (``cp.seed``), faiss' parallel loops partition work by centroid and by list,
 and the training sample, add order and queries are fixed, so thread count does not change the
 result for Flat and IVF types (checked in the tests at 1 and 2 threads; the distributed build
-writes the same bytes too). HNSW inserts in parallel under per-node locks, which faiss does not
-promise to be reproducible with more than one thread. GPU builds are not guaranteed bit-identical.
+writes the same bytes too). An OPQ rotation (SVD through BLAS) is reproducible at a fixed thread
+count only. HNSW inserts in parallel under per-node locks, which faiss does not promise to be
+reproducible with more than one thread: an HNSW coarse quantizer is therefore rebuilt on one thread
+after training (``backend.train``). GPU builds are not guaranteed bit-identical.
 """
 from __future__ import annotations
 
@@ -33,15 +37,18 @@ from mmdata.index.backend import (
     resolve_gpu,
     set_seed,
     to_gpu,
+    train,
     write_index_atomic,
 )
 from mmdata.index.choose import (
     BUDGET_FRACTION,
     DEFAULT_MAX_TRAIN_VECTORS,
     GiB,
-    choose_index,
     estimate_index_bytes,
+    estimate_ram_bytes,
+    is_mergeable,
 )
+from mmdata.index.estimate import choose_measured
 from mmdata.index.evaluate import (
     DEFAULT_N_QUERIES,
     drop_self_scored,
@@ -59,6 +66,20 @@ QUERY_PROTOCOL = ("leave-one-out: indexed vectors as queries, each excluded from
                   "nprobe/efSearch tuned on one half of the queries, recall measured on the other")
 
 
+def training_sample(corpus: Corpus, max_train_vectors: int, seed: int):
+    """The seeded sample of at most ``max_train_vectors`` rows (float32) that training and the choice use."""
+    return gather_rows(corpus, sample_positions(corpus.n, max_train_vectors, seed, TRAIN_STREAM))[0]
+
+
+def choose_for_corpus(corpus: Corpus, memory_gb: float, *, max_train_vectors: int = DEFAULT_MAX_TRAIN_VECTORS,
+                      seed: int = 0, mergeable_only: bool = False) -> tuple[str, dict]:
+    """The index type for ``corpus`` under ``memory_gb``, by recall estimated on the training sample;
+    (factory string, record of the choice for index_infos.json)."""
+    sample = training_sample(corpus, max_train_vectors, seed)
+    return choose_measured(sample, corpus.n, memory_gb, max_train_vectors=max_train_vectors,
+                           mergeable_only=mergeable_only, seed=seed)
+
+
 def train_empty(
     faiss: Any, corpus: Corpus, index_key: str, *, max_train_vectors: int, seed: int, gpu: bool
 ) -> tuple[Any, dict]:
@@ -68,11 +89,10 @@ def train_empty(
     if index.is_trained:
         return index, info
     start = time.perf_counter()
-    positions = sample_positions(corpus.n, max_train_vectors, seed, TRAIN_STREAM)
-    sample, _ = gather_rows(corpus, positions)
+    sample = training_sample(corpus, max_train_vectors, seed)
     set_seed(faiss, index, seed)
     helper = gpu_train_helper(faiss, index) if gpu else None
-    index.train(sample)
+    train(faiss, index, sample)
     if helper is not None:
         ivf_of(faiss, index).clustering_index = None
     info.update(train_vectors=int(len(sample)), train_seconds=round(time.perf_counter() - start, 3))
@@ -144,6 +164,7 @@ def describe(faiss: Any, corpus: Corpus, index_key: str, *, memory_gb: float, se
     """The infos fields fixed before building: what is built, from what, under which budget."""
     budget = int(BUDGET_FRACTION * memory_gb * GiB)
     estimate = estimate_index_bytes(index_key, corpus.n, corpus.dim)
+    ram = estimate_ram_bytes(index_key, corpus.n, corpus.dim)
     return {
         "index_key": index_key,
         "metric": "inner_product",
@@ -153,7 +174,9 @@ def describe(faiss: Any, corpus: Corpus, index_key: str, *, memory_gb: float, se
         "memory_gb": memory_gb,
         "budget_bytes": budget,
         "estimated_bytes": estimate,
-        "within_budget": None if estimate is None else estimate <= budget,
+        "estimated_ram_bytes": ram,
+        "within_budget": None if estimate is None else max(estimate, ram) <= budget,
+        "mergeable": is_mergeable(index_key),
         "seed": seed,
         "gpu": gpu,
         "omp_threads": int(faiss.omp_get_max_threads()),
@@ -173,18 +196,24 @@ def build_index(
     seed: int = 0,
     use_gpu: bool | str = "auto",
     chunk_rows: int | None = None,
+    choice: dict | None = None,
 ) -> dict:
     """Build an inner-product index of ``sources`` at ``out_path``; returns the infos dict.
 
-    ``index_key`` forces a faiss factory string; by default ``choose_index`` picks one that fits
-    ``memory_gb`` GiB. The caller writes the infos as ``index_infos.json``.
+    ``index_key`` forces a faiss factory string; by default ``choose_for_corpus`` picks the one with
+    the best estimated recall that fits ``memory_gb`` GiB (``choice``: a record of a choice made by
+    the caller, kept in the infos). The caller writes the infos as ``index_infos.json``.
     """
     faiss = import_faiss()
     start = time.perf_counter()
     corpus = validate_sources(sources)
-    key = index_key or choose_index(corpus.n, corpus.dim, memory_gb, max_train_vectors=max_train_vectors)
+    key = index_key
+    if key is None:
+        key, choice = choose_for_corpus(corpus, memory_gb, max_train_vectors=max_train_vectors, seed=seed)
     gpu = resolve_gpu(faiss, use_gpu, key)
     infos = describe(faiss, corpus, key, memory_gb=memory_gb, seed=seed, gpu=gpu)
+    infos["choice"] = choice or {"method": "forced"}
+    infos["choose_seconds"] = infos["choice"].get("seconds", 0.0)
     index, train_info = train_empty(
         faiss, corpus, key, max_train_vectors=max_train_vectors, seed=seed, gpu=gpu
     )

@@ -21,9 +21,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from mmdata.index.backend import import_faiss, resolve_gpu, write_index_atomic
-from mmdata.index.build import add_all, describe, train_empty, tune_and_write
-from mmdata.index.choose import DEFAULT_MAX_TRAIN_VECTORS, choose_index, is_mergeable
+from mmdata.index.backend import import_faiss, merge_into, resolve_gpu, write_index_atomic
+from mmdata.index.build import add_all, choose_for_corpus, describe, train_empty, tune_and_write
+from mmdata.index.choose import DEFAULT_MAX_TRAIN_VECTORS, is_mergeable
 from mmdata.index.evaluate import DEFAULT_N_QUERIES
 from mmdata.index.sources import Corpus, EmbeddingSource, validate_sources
 
@@ -37,15 +37,24 @@ def train_index(
     max_train_vectors: int = DEFAULT_MAX_TRAIN_VECTORS,
     seed: int = 0,
     use_gpu: bool | str = "auto",
+    choice: dict | None = None,
 ) -> dict:
-    """Train the empty index once on a bounded sample of all ``sources``; returns train infos."""
+    """Train the empty index once on a bounded sample of all ``sources``; returns train infos.
+
+    Without ``index_key`` the index is chosen as ``build_index`` does, among the mergeable types.
+    """
     faiss = import_faiss()
     corpus = validate_sources(sources)
-    key = index_key or choose_index(corpus.n, corpus.dim, memory_gb, max_train_vectors=max_train_vectors)
+    key = index_key
+    if key is None:
+        key, choice = choose_for_corpus(corpus, memory_gb, max_train_vectors=max_train_vectors, seed=seed,
+                                        mergeable_only=True)
     if not is_mergeable(key):
         raise ValueError(f"{key} cannot be merged from partial builds; use a Flat or IVF index")
     gpu = resolve_gpu(faiss, use_gpu, key)
     infos = describe(faiss, corpus, key, memory_gb=memory_gb, seed=seed, gpu=gpu)
+    infos["choice"] = choice or {"method": "forced"}
+    infos["choose_seconds"] = infos["choice"].get("seconds", 0.0)
     index, train_info = train_empty(faiss, corpus, key, max_train_vectors=max_train_vectors, seed=seed, gpu=gpu)
     write_index_atomic(faiss, index, out_trained_path)
     return {**infos, **train_info}
@@ -103,7 +112,7 @@ def merge_partials(trained_path: str, partial_paths: list[str], out_path: str) -
         part = faiss.read_index(path)
         if _training_of(faiss, part) != training:
             raise ValueError(f"{path} was not built from the trained index {trained_path}")
-        merged.merge_from(part, 0)
+        merge_into(faiss, merged, part)
         del part
     size = write_index_atomic(faiss, merged, out_path)
     return {
@@ -143,7 +152,7 @@ def finalize_index(
         )
     )
     infos["build_seconds"] = round(
-        infos.get("train_seconds", 0.0) + infos["add_seconds"] + (infos.get("merge_seconds") or 0.0) + infos["tune_seconds"], 3
+        infos.get("choose_seconds", 0.0) + infos.get("train_seconds", 0.0) + infos["add_seconds"] + (infos.get("merge_seconds") or 0.0) + infos["tune_seconds"], 3
     )
     infos["distributed"] = True
     return infos

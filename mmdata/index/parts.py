@@ -120,7 +120,7 @@ class DistributedBuild:
         self.url = out.root if out.local else out.url  # absolute: workers may run elsewhere
         self.pending: list[_Pending] = []
 
-    def train(self, modality: str, index_key: str, names: list[str], sources: list) -> None:
+    def train(self, modality: str, index_key: str, names: list[str], sources: list, choice: dict | None = None) -> None:
         from mmdata.index import train_index
         from mmdata.index.backend import import_faiss
 
@@ -128,7 +128,8 @@ class DistributedBuild:
             self.out.remove(PARTS)
         trained = f"{PARTS}/{modality}/trained.index"
         trained_local = os.path.join(self.root, trained)
-        train_infos = train_index(sources, trained_local, index_key=index_key, memory_gb=self.config.index_memory_gb)
+        train_infos = train_index(sources, trained_local, index_key=index_key, memory_gb=self.config.index_memory_gb,
+                                  choice=choice)
         if not self.out.local:
             self.out.makedirs(posixpath.dirname(trained))
             self.out.fs.put_file(trained_local, self.out.path(trained))

@@ -41,7 +41,7 @@ def check_index_options(config: BuildConfig) -> None:
 def distribute(config: BuildConfig, index_key: str, n_units: int, on_engine: bool) -> bool:
     """Whether to build this index on the engine (train here, add per group of units there, merge here).
 
-    ``auto``: for IVF indexes when the units ran on a cluster engine (Dask, Beam); ``on``: for any
+    ``auto``: for mergeable IVF indexes when the units ran on a cluster engine (Dask, Beam); ``on``: for any
     mergeable index (Flat, IVF), on whatever engine; never for a single unit.
     """
     from mmdata.index import is_ivf, is_mergeable
@@ -51,7 +51,7 @@ def distribute(config: BuildConfig, index_key: str, n_units: int, on_engine: boo
         raise UserError(NOT_MERGEABLE.format(key=index_key))
     if mode == "off" or n_units < 2:
         return False
-    return mode == "on" or (on_engine and config.engine != "local" and is_ivf(index_key))
+    return mode == "on" or (on_engine and config.engine != "local" and is_ivf(index_key) and is_mergeable(index_key))
 
 
 @contextlib.contextmanager
@@ -69,7 +69,7 @@ def build_indexes(config: BuildConfig, out: OutputDir, units: list[Unit], engine
 
     ``engine`` (the build's, still open) runs the distributed builds; without one they run here.
     """
-    from mmdata.index import build_index, check_index_key, choose_index, faiss_reason
+    from mmdata.index import build_index, check_index_key, choose_for_corpus, faiss_reason, is_mergeable
     from mmdata.index.sources import validate_sources
 
     ids_by_unit = write_ids(out, units)
@@ -87,16 +87,21 @@ def build_indexes(config: BuildConfig, out: OutputDir, units: list[Unit], engine
             if not sources:
                 continue
             corpus = validate_sources(sources, check_unique_ids=False)  # the index build checks them
-            key = config.index_key or choose_index(corpus.n, corpus.dim, config.index_memory_gb)
+            key, choice = config.index_key, None
+            if not key:  # by recall estimated on the training sample, among the types that fit the budget
+                key, choice = choose_for_corpus(corpus, config.index_memory_gb,
+                                                mergeable_only=config.index_distributed == "on")
             try:
                 if config.index_key:
                     check_index_key(key, corpus.dim)
                 if distribute(config, key, len(sources), engine is not None):
-                    distributed.train(modality, key, names, sources)
+                    distributed.train(modality, key, names, sources, choice=choice)
                     continue
                 index_path = os.path.join(root, "index", f"{modality}.index")
                 infos[modality] = build_index(sources, index_path, index_key=key, memory_gb=config.index_memory_gb,
-                                              recall_target=config.index_recall_target)
+                                              recall_target=config.index_recall_target, choice=choice)
+                if engine is not None and config.engine != "local" and not is_mergeable(key):
+                    infos[modality]["built_in_one_place"] = f"{key} cannot be merged from partial builds"
             except (ValueError, RuntimeError) as exc:
                 if not config.index_key:  # a chosen key always builds: anything else is a bug
                     raise
