@@ -107,6 +107,10 @@ class Handler(BaseHTTPRequestHandler):
             self.send(200, jpeg(name), X_Robots_Tag=parts[1].replace("_", " "))
         elif kind == "notimage":
             self.send(200, b"GIF89a but not really an image at all", ctype="image/gif")
+        elif kind == "robots.txt":
+            self.send(200, b"User-agent: mmdata\nDisallow: /private/\n\nUser-agent: *\nDisallow: /\n", ctype="text/plain")
+        elif kind == "private":
+            self.send(200, jpeg(name))
         elif kind == "flaky":
             if srv.down:
                 self.send(503, b"down", ctype="text/plain")
@@ -226,6 +230,22 @@ def test_opt_outs_can_be_emptied_and_the_size_cap_moved(server, tmp_path):
     m = run_build(manifest(tmp_path, urls), tmp_path / "out2", key_col="key", image_col="url",
                   **{**FAST, "optout_directives": ""})
     assert m["counts"]["written"] == 2
+
+
+def test_robots_txt_when_asked(server, tmp_path):
+    b = server.base
+    urls = {"public": f"{b}/img/pub.jpg", "private": f"{b}/private/p.jpg", "private2": f"{b}/private/q.jpg"}
+    server.log.clear()
+    m = run_build(manifest(tmp_path, urls), tmp_path / "out", key_col="key", image_col="url",
+                  **{**FAST, "respect_robots_txt": True})
+    check_accounting(m, 3)
+    got = rows(tmp_path / "out")
+    assert got["public"]["status"] == "written"  # the rules for mmdata, not those for "*", apply
+    assert got["private"]["reason"] == got["private2"]["reason"] == "optout:robots_txt"
+    paths = [p for _, _, p, _ in server.log]
+    assert paths.count("/robots.txt") == 1 and not any(p.startswith("/private/") for p in paths)
+    m = run_build(manifest(tmp_path, urls), tmp_path / "out2", key_col="key", image_col="url", **FAST)
+    assert m["counts"]["written"] == 3  # off by default
 
 
 def test_private_addresses_are_refused_by_default(server, tmp_path):
