@@ -193,6 +193,7 @@ def test_every_fault_ends_in_its_row_with_a_precise_reason(server, tmp_path):
         "not_an_image": (f"{b}/notimage/a.jpg", "failed", "decode:image"),
         "refused": (f"http://127.0.0.1:{closed_port()}/img/a.jpg", "failed", "connect"),
         "not_http": ("ftp://127.0.0.1/a.jpg", "failed", None),
+        "bad_name": (f"http://{'a' * 64}.test/a.jpg", "failed", "dns"),  # refused before any query
     }
     server.log.clear()
     started = time.monotonic()

@@ -14,6 +14,7 @@ import random
 import threading
 import time
 import urllib.robotparser
+from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -162,13 +163,21 @@ class Downloader:
         """``fetch(url, modality)`` for each ``(url, modality)``, yielded in the items' order while at
         most ``window`` downloads (default: 4 per thread) are in flight or waiting to be taken."""
         window = window or 4 * self.options.threads
-        pending: list = []
+        pending: deque = deque()
         for url, modality in items:
-            pending.append(self.pool.submit(self.fetch, url, modality))
+            pending.append(self.pool.submit(self.guarded_fetch, url, modality))
             if len(pending) >= window:
-                yield pending.pop(0).result()
-        for fut in pending:
-            yield fut.result()
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+    def guarded_fetch(self, url: str, modality: str = "image") -> Fetched:
+        """``fetch``, with anything unexpected turned into the URL's ``error:<Type>`` failure: one
+        URL never ends its unit."""
+        try:
+            return self.fetch(url, modality)
+        except Exception as exc:  # noqa: BLE001 — the record's last guard, as in the record step
+            return _failed(url, f"error:{type(exc).__name__}", str(exc)[:300])
 
     def fetch(self, url: str, modality: str = "image") -> Fetched:
         """The URL's bytes or the reason it has none, after the retries transient problems allow."""

@@ -130,6 +130,7 @@ class DomainGate:
         self.connections, self.rps = connections, rps
         self._lock = threading.Lock()
         self._slots: dict[str, threading.BoundedSemaphore] = {}
+        self._paused: dict[str, float] = {}  # without a rate, a Retry-After pauses the host in this process
         self.state_dir = state_dir or os.path.join(tempfile.gettempdir(), f"mmdata-domains-{_uid()}")
 
     @contextlib.contextmanager
@@ -140,8 +141,11 @@ class DomainGate:
         try:
             if self.rps:
                 wait = self._claim(host, 1.0 / self.rps) - time.time()
-                if wait > 0:
-                    time.sleep(wait)
+            else:
+                with self._lock:
+                    wait = self._paused.get(host, 0.0) - time.time()
+            if wait > 0:
+                time.sleep(wait)
             yield
         finally:
             sem.release()
@@ -150,6 +154,9 @@ class DomainGate:
         """No new request to ``host`` for ``seconds`` (a 429/503 ``Retry-After``)."""
         if self.rps:
             self._claim(host, 0.0, not_before=time.time() + seconds)
+        else:
+            with self._lock:
+                self._paused[host] = max(self._paused.get(host, 0.0), time.time() + seconds)
 
     def _claim(self, host: str, spacing: float, not_before: float = 0.0) -> float:
         """The start time given to this request (wall clock, shared by the machine's processes)."""
