@@ -7,8 +7,13 @@ processes and download threads as mmdata (``--workers`` processes × ``--threads
 keep-alive httpx client per process) and does the same decode (JPEG draft) → RGB → resize to 256 →
 JPEG encode, writing nothing. Prints images/s for both and the ratio (target ≥ 0.85).
 
+The peer, img2dataset, runs on the same server with the same processes, threads, size and quality
+when its side virtualenv ``bench_out/img2dataset-venv`` exists, or is made with
+``MMDATA_BENCH_IMG2DATASET=1`` (it pins libraries of its own, so never in the project's venv).
+
     python -m bench.download [--n 2000] [--threads 16] [--workers N] [--latency-ms 50]
     MMDATA_BENCH_DOWNLOAD_N=20000 make bench      # the issue's size
+    MMDATA_BENCH_IMG2DATASET=1 python -m bench.download
 """
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ import math
 import multiprocessing
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +37,8 @@ from mmdata.build import build
 from mmdata.config import load_config
 
 DEFAULT_N = 2000
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEER_VENV = os.path.join(ROOT, "bench_out", "img2dataset-venv")
 
 
 def _photos() -> list[bytes]:
@@ -110,11 +119,45 @@ def bare_loop(urls: list[str], workers: int, threads: int) -> float:
 
 def mmdata_build(src: str, out: str, n: int, workers: int, threads: int) -> float:
     start = time.perf_counter()
+    # every URL is on one host here: the per-domain limit (8 by default) is raised to the thread count, so
+    # both sides run the same concurrency (politeness has its own tests)
     manifest = build(load_config(input=src, out=out, image_col="url", workers=workers, download_threads=threads,
-                                 image_size=256, samples_per_shard=max(50, math.ceil(n / (4 * workers))),
+                                 per_domain_connections=threads,
+                                 image_size=256, samples_per_shard=max(50, math.ceil(n / (2 * workers))),
                                  allow_private_addresses=True, progress=False, overwrite=True))
     assert manifest["counts"]["written"] == n, manifest["reasons"]
     return time.perf_counter() - start
+
+
+def img2dataset_exe() -> str | None:
+    """img2dataset's command in its side virtualenv, made when MMDATA_BENCH_IMG2DATASET=1; None if unavailable."""
+    exe = os.path.join(PEER_VENV, "bin", "img2dataset")
+    if not os.path.exists(exe) and os.environ.get("MMDATA_BENCH_IMG2DATASET") == "1":
+        print("  making bench_out/img2dataset-venv (pip install img2dataset) …", flush=True)
+        try:
+            subprocess.run([sys.executable, "-m", "venv", PEER_VENV], check=True, timeout=300)
+            subprocess.run([os.path.join(PEER_VENV, "bin", "pip"), "install", "-q", "img2dataset"], check=True,
+                           timeout=1800, stdout=subprocess.DEVNULL)
+        except (OSError, subprocess.SubprocessError) as exc:
+            print(f"  img2dataset: could not be installed ({exc})")
+    return exe if os.path.exists(exe) else None
+
+
+def img2dataset_run(exe: str, src: str, out: str, n: int, workers: int, threads: int) -> float | None:
+    """Wall seconds of img2dataset on the same URLs (resize to 256, keep_ratio, JPEG 95), or None if it failed."""
+    cmd = [exe, f"--url_list={src}", "--input_format=parquet", "--url_col=url", "--caption_col=caption",
+           f"--output_folder={out}", "--output_format=webdataset", f"--processes_count={workers}",
+           f"--thread_count={threads}", "--image_size=256", "--resize_mode=keep_ratio", "--encode_quality=95",
+           f"--number_sample_per_shard={max(50, math.ceil(n / (4 * workers)))}", "--distributor=multiprocessing",
+           "--retries=0", "--timeout=20", "--enable_wandb=False"]
+    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", PYTHONPATH="")
+    start = time.perf_counter()
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+    took = time.perf_counter() - start
+    if res.returncode != 0:
+        print(f"  img2dataset failed: {res.stderr.strip().splitlines()[-1:] or res.returncode}")
+        return None
+    return took
 
 
 def main() -> dict:
@@ -137,6 +180,8 @@ def main() -> dict:
         bare_loop(urls[:64], args.workers, args.threads)  # warm the server and the pool start-up path
         t_bare = bare_loop(urls, args.workers, args.threads)
         t_mm = mmdata_build(src, os.path.join(tmp, "out"), args.n, args.workers, args.threads)
+        exe = img2dataset_exe()
+        t_peer = img2dataset_run(exe, src, os.path.join(tmp, "i2d"), args.n, args.workers, args.threads) if exe else None
     finally:
         server.kill()
         server.join(10)
@@ -149,6 +194,12 @@ def main() -> dict:
     print(f"  bare thread-pool + Pillow (limit): {result['bare_images_per_s']:8.1f} images/s")
     print(f"  mmdata build (local)             : {result['mmdata_images_per_s']:8.1f} images/s")
     print(f"  ratio mmdata / limit             : {result['ratio']:.3f}  (target ≥ {result['target']})")
+    if t_peer is not None:
+        result.update(img2dataset_images_per_s=n / t_peer, ratio_vs_img2dataset=t_peer / t_mm)
+        print(f"  img2dataset (peer)               : {result['img2dataset_images_per_s']:8.1f} images/s")
+        print(f"  ratio mmdata / img2dataset       : {result['ratio_vs_img2dataset']:.3f}")
+    else:
+        print("  img2dataset (peer)               : not run (MMDATA_BENCH_IMG2DATASET=1 installs it in bench_out/)")
     return result
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import email.utils
 import random
+import re
 import threading
 import time
 import urllib.robotparser
@@ -200,6 +201,7 @@ class Downloader:
     def _attempt(self, url: str, modality: str, check_robots: bool = True) -> Fetched:
         o = self.options
         current = url
+        started = None  # --download-timeout counts from the first request sent (not the politeness wait)
         for _ in range(o.max_redirects + 1):
             try:
                 parsed = httpx.URL(current)
@@ -210,12 +212,13 @@ class Downloader:
             if check_robots and o.respect_robots_txt and not self._robots_allow(parsed):
                 return Fetched(url, error=SampleFiltered("optout:robots_txt", current), final_url=current)
             with self.gate.slot(parsed.host):
+                started = started or time.monotonic()
                 try:
                     with self.client.stream("GET", parsed) as resp:
                         if resp.status_code in REDIRECTS and resp.headers.get("location"):
                             current = str(parsed.join(resp.headers["location"]))
                             continue
-                        return self._response(url, current, parsed.host, resp, modality)
+                        return self._response(url, current, parsed.host, resp, modality, started)
                 except AddressBlocked as exc:
                     return _failed(url, "blocked:address", str(exc))
                 except DNSFailed as exc:
@@ -228,10 +231,12 @@ class Downloader:
                     return _failed(url, "connect", f"{type(exc).__name__}: {exc}", transient=True)
         return _failed(url, "redirects", f"more than {o.max_redirects} redirects (last: {current})")
 
-    def _response(self, url: str, current: str, host: str, resp: httpx.Response, modality: str) -> Fetched:
+    def _response(self, url: str, current: str, host: str, resp: httpx.Response, modality: str,
+                  started: float) -> Fetched:
+        """The answer of the last hop as the URL's outcome (the body streamed under the caps)."""
         o = self.options
         code = resp.status_code
-        mime = resp.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        mime = re.sub(r"[^a-z0-9.+/_-]", "", resp.headers.get("content-type", "").split(";", 1)[0].strip().lower())[:80]
         facts = {"status_code": code, "final_url": current, "content_type": mime or None}
         if not 200 <= code < 300:
             transient = code == 429 or code >= 500
@@ -249,7 +254,6 @@ class Downloader:
         declared = resp.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > o.max_bytes:
             return _failed(url, "too_large", f"Content-Length {declared} over --max-download-bytes ({o.max_bytes})", **facts)
-        started = time.monotonic()
         chunks, size = [], 0
         try:
             for chunk in resp.iter_bytes():
