@@ -154,8 +154,8 @@ class BuildConfig(BaseModel):
     user_agent: str = Field("mmdata/0.1", min_length=1, description="User-Agent of downloads; its first word is the robots token")
     contact_url: Optional[str] = Field(None, description="URL or e-mail added to the User-Agent (+URL) so site owners can reach you")
     per_domain_connections: int = Field(8, ge=1, le=1024, description="requests in flight to one domain, per worker process")
-    per_domain_rps: Optional[float] = Field(None, gt=0, description="requests per second to one domain, for the whole build "
-                                            "(split evenly among --workers); default: no limit")
+    per_domain_rps: Optional[float] = Field(None, gt=0, description="requests per second to one domain from this machine "
+                                            "(its worker processes share it); default: no limit")
     allow_private_addresses: bool = Field(False, description="fetch URLs whose host resolves to a loopback, link-local or private "
                                           "address (else failed blocked:address)")
     optout_directives: list[str] = Field(default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"],
