@@ -140,12 +140,18 @@ class DomainGate:
         sem.acquire()
         try:
             if self.rps:
-                wait = self._claim(host, 1.0 / self.rps) - time.time()
+                spacing = 1.0 / self.rps
+                while True:  # a thread that wakes up after its slot passed (a stalled process) books another:
+                    start = self._claim(host, spacing)  # late requests never go out in a burst
+                    if start > time.time():
+                        time.sleep(start - time.time())
+                    if time.time() - start < spacing:
+                        break
             else:
                 with self._lock:
                     wait = self._paused.get(host, 0.0) - time.time()
-            if wait > 0:
-                time.sleep(wait)
+                if wait > 0:
+                    time.sleep(wait)
             yield
         finally:
             sem.release()
