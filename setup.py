@@ -16,6 +16,8 @@ CORE = [
     "open_clip_torch>=2.24",
     "torch>=2.6",  # torch.load defaults to weights_only=True: --pretrained PATH loads user checkpoints
     "torchvision>=0.21",
+    "httpx>=0.25,<1",  # http(s) sources: mmdata/sources/http.py
+    "httpcore>=1,<2",  # its network backend carries the address guard and the DNS cache
 ]
 EXTRAS = {
     "fast": ["simplejpeg>=1.7"],  # libjpeg-turbo JPEG codec with 1/8-step DCT scaling (jpeg_codec)

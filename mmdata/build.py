@@ -17,6 +17,7 @@ from mmdata.index.step import check_index_options
 from mmdata.layout import clear_output
 from mmdata.pipeline.finalize import finalize
 from mmdata.pipeline.plan import check_input, make_or_load_plan
+from mmdata.pipeline.retry import uncommit_transient
 from mmdata.pipeline.unit import read_committed, setup_mismatch, uses_torch_encoder
 from mmdata.storage import OutputDir
 
@@ -58,6 +59,8 @@ def build(config: BuildConfig) -> dict:
     finish_switch(out)  # an `mmdata embed` killed during its switch: finish it before resuming
     out.remove(STAGING)  # one killed before its switch: its staged units may not match what this build writes
     units, resumed = make_or_load_plan(config, out)
+    if config.retry_failed:  # units with transient download failures are uncommitted, then built again
+        uncommit_transient(config, out, units, resumed)
     committed: dict[str, dict] = {}
     if resumed:  # committed units are not handed to the engine: the bar and counts show this run's work
         for u in units:

@@ -26,6 +26,16 @@ RUNTIME_FIELDS = frozenset({"out", "workers", "engine", "overwrite", "progress",
                             "index_key", "index_distributed", "curate", "torch_threads",
                             "reembed_mismatched"})
 
+# Download fields that decide how fast and how politely, not which samples are written (retry knobs
+# included: --retry-failed may raise them), and the ones that do decide, which stay out of the hash at
+# their defaults so builds made before downloads existed keep their hash.
+DOWNLOAD_RUNTIME_FIELDS = frozenset({"download_threads", "connect_timeout", "read_timeout", "download_timeout",
+                                     "download_retries", "retry_after_max", "user_agent", "contact_url",
+                                     "per_domain_connections", "per_domain_rps", "retry_failed"})
+DOWNLOAD_CONTENT_FIELDS = ("max_download_bytes", "max_redirects", "allow_private_addresses", "optout_directives",
+                           "respect_robots_txt")
+RUNTIME_FIELDS = RUNTIME_FIELDS | DOWNLOAD_RUNTIME_FIELDS
+
 AUGMENT_FIELDS = frozenset({"augment", "views", "augment_seed", "keep_originals", "embed_views"})
 
 
@@ -135,6 +145,40 @@ class BuildConfig(BaseModel):
             value = value["curate"]
         return value
 
+    # downloads: http(s) sources are fetched inside the unit, concurrently and politely (mmdata/sources/http.py)
+    download_threads: int = Field(32, ge=1, le=1024, description="download threads per worker process (http/https sources)")
+    max_download_bytes: int = Field(32 * 2**20, ge=1, description="a download bigger than this (bytes) fails as too_large")
+    connect_timeout: float = Field(10.0, gt=0, le=600, description="seconds to connect to a server")
+    read_timeout: float = Field(20.0, gt=0, le=3600, description="seconds without a byte (first byte included) before a download times out")
+    download_timeout: float = Field(120.0, gt=0, le=86400, description="seconds a whole download may take (a slow body times out)")
+    download_retries: int = Field(2, ge=0, le=20, description="retries of a transient failure (timeout, connect, dns, 429, 5xx), "
+                                  "with exponential backoff and jitter")
+    retry_after_max: float = Field(60.0, ge=0, le=3600, description="longest Retry-After (seconds) honoured on a 429/503; "
+                                   "a longer one fails the sample, for --retry-failed")
+    max_redirects: int = Field(5, ge=0, le=30, description="redirect hops followed (each checked like the first)")
+    user_agent: str = Field("mmdata/0.1", min_length=1, description="User-Agent of downloads; its first word is the robots token")
+    contact_url: Optional[str] = Field(None, description="URL or e-mail added to the User-Agent (+URL) so site owners can reach you")
+    per_domain_connections: int = Field(8, ge=1, le=1024, description="requests in flight to one domain, per worker process")
+    per_domain_rps: Optional[float] = Field(None, gt=0, description="requests per second to one domain from this machine "
+                                            "(its worker processes share it); default: no limit")
+    allow_private_addresses: bool = Field(False, description="fetch URLs whose host resolves to a loopback, link-local or private "
+                                          "address (else failed blocked:address)")
+    optout_directives: list[str] = Field(default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"],
+                                         description="X-Robots-Tag directives that filter a download as optout:<directive> "
+                                         "(comma-separated; an empty value honours none)")
+    respect_robots_txt: bool = Field(False, description="also honour robots.txt (fetched once per domain): optout:robots_txt")
+    retry_failed: bool = Field(False, description="re-run only the committed units with transient download failures "
+                               "(timeout, connect, dns, 429, 5xx), keeping the others byte for byte")
+
+    @field_validator("optout_directives", mode="before")
+    @classmethod
+    def _split_directives(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, (list, tuple)):
+            return [d.strip().lower() for v in value for d in str(v).split(",") if d.strip()]
+        return value
+
     @field_validator("require", "embed", mode="before")
     @classmethod
     def _split_require(cls, value: Any) -> Any:
@@ -192,6 +236,8 @@ class BuildConfig(BaseModel):
         skip = RUNTIME_FIELDS | (AUGMENT_FIELDS if self.augment is None else frozenset())
         if self.jpeg_codec == "pillow":  # the codec before the option existed: those builds keep their hash
             skip = skip | {"jpeg_codec"}
+        skip |= {k for k in DOWNLOAD_CONTENT_FIELDS
+                 if getattr(self, k) == type(self).model_fields[k].get_default(call_default_factory=True)}
         return {k: v for k, v in self.model_dump(mode="json").items() if k not in skip}
 
     @property

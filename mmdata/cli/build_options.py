@@ -36,6 +36,10 @@ PANELS: dict[str, tuple[str, ...]] = {
                              "embed_batch_size", "torch_threads", "reembed_mismatched", "embedding_dtype", "embed_in_shards", "fused", "audio_encoder",
                              "clap_model", "index", "index_memory_gb", "index_recall_target", "index_key",
                              "index_distributed"),
+    "Downloads": ("download_threads", "max_download_bytes", "connect_timeout", "read_timeout", "download_timeout",
+                  "download_retries", "retry_after_max", "max_redirects", "user_agent", "contact_url",
+                  "per_domain_connections", "per_domain_rps", "allow_private_addresses", "optout_directives",
+                  "respect_robots_txt", "retry_failed"),
     "Engines": ("engine", "workers", "dask_address", "dask_gpu_resource", "dask_retries", "beam_options"),
     "Curation": ("curate",),
 }
@@ -191,4 +195,12 @@ class PanelCommand(TyperCommand):
                     formatter.write_dl(rows, col_max=28)
         if hidden:
             with formatter.section("More options (mmdata build --help-all)"):
-                formatter.write_text(", ".join(f"{panel} ({n})" for panel, n in hidden))
+                items = [f"{panel} ({n})" for panel, n in hidden]  # wrapped between items, never inside one
+                width, lines = max(20, (formatter.width or 80) - formatter.current_indent - 2), [""]
+                for i, item in enumerate(items):
+                    piece = item + ("," if i < len(items) - 1 else "")
+                    if lines[-1] and len(lines[-1]) + 1 + len(piece) > width:
+                        lines.append("")
+                    lines[-1] = f"{lines[-1]} {piece}" if lines[-1] else piece
+                for line in lines:
+                    formatter.write(" " * formatter.current_indent + line + "\n")

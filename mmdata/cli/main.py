@@ -27,6 +27,10 @@ def _run_build(config: Optional[Path], flags: dict) -> None:
     from mmdata.config import load_config
 
     try:
+        if flags.get("retry_failed") and "input" not in flags and config is None and flags.get("out"):
+            from mmdata.pipeline.retry import saved_config  # -o OUT --retry-failed: the build's own settings
+
+            flags = {**saved_config(flags["out"]), **flags}
         cfg = load_config(str(config) if config else None, **flags)
         section = curate_section(cfg)  # a curate: section is checked before the build starts
         manifest = run_build(cfg)

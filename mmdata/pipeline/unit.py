@@ -10,7 +10,7 @@ import hashlib
 import json
 import time
 from collections import Counter
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 from mmdata.config import BuildConfig
 from mmdata.encoders.factory import audio_encoder_facts, make_audio_encoder, make_encoder
@@ -23,8 +23,9 @@ from mmdata.pipeline.samples.embed import AudioEmbedder, ImageEmbedder, embed_sa
 from mmdata.pipeline.samples.record import RecordProcessor
 from mmdata.pipeline.samples.sample import Sample, Timer, write_json
 from mmdata.pipeline.samples.views import ViewMaker, embeds, is_view, rekey_views
-from mmdata.records import Unit, UnitRef
+from mmdata.records import Record, Unit, UnitRef
 from mmdata.schema import SHARD_SCHEMA
+from mmdata.sources.http import DownloadOptions, Downloader, is_url
 from mmdata.storage import OutputDir
 from mmdata.transforms.tokenize import get_tokenizer, tokenize_npy
 from mmdata.version import __version__
@@ -49,6 +50,44 @@ class UnitContext:
             fix_torch_threads(config.torch_threads)
         self.encoder = make_encoder(config) if config.model else None
         self.audio_encoder = make_audio_encoder(config)
+        self._downloader: Optional[Downloader] = None
+
+    @property
+    def downloader(self) -> Downloader:
+        """The process's download client, built for the first unit with http(s) sources."""
+        if self._downloader is None:
+            self._downloader = Downloader(download_options(self.config))
+        return self._downloader
+
+
+# Source slots a unit downloads when they hold http(s) URLs (audio is read by its own stage).
+DOWNLOADED_SLOTS = ("image", "text", "json")
+
+
+def download_options(config: BuildConfig) -> DownloadOptions:
+    """The client's options (``per_domain_rps`` holds for the whole machine: its processes share it)."""
+    return DownloadOptions(
+        threads=config.download_threads, max_bytes=config.max_download_bytes, connect_timeout=config.connect_timeout,
+        read_timeout=config.read_timeout, total_timeout=config.download_timeout, retries=config.download_retries,
+        retry_after_max=config.retry_after_max, max_redirects=config.max_redirects, user_agent=config.user_agent,
+        contact_url=config.contact_url, per_domain_connections=config.per_domain_connections, per_domain_rps=config.per_domain_rps,
+        allow_private_addresses=config.allow_private_addresses, optout_directives=tuple(config.optout_directives),
+        respect_robots_txt=config.respect_robots_txt)
+
+
+def _urls(record: Record) -> list[tuple[str, str]]:
+    if record.problem:
+        return []  # it fails or is filtered on its planning problem, unread
+    return [(url, slot) for slot, url in sorted(record.sources.items()) if slot in DOWNLOADED_SLOTS and is_url(url)]
+
+
+def unit_downloads(ctx: UnitContext, records: list[Record]) -> Iterator[dict]:
+    """For each record in order, its http(s) sources downloaded (URL → ``Fetched``): the unit's URLs
+    are fetched concurrently, a bounded window ahead of the record being processed."""
+    wanted = [item for r in records for item in _urls(r)]
+    fetched = ctx.downloader.fetch_many(wanted) if wanted else iter(())
+    for r in records:
+        yield {url: next(fetched) for url, _ in _urls(r)}
 
 
 def uses_torch_encoder(config: BuildConfig) -> bool:
@@ -129,8 +168,13 @@ def run_unit(config: BuildConfig, unit: Union[int, UnitRef, Unit]) -> dict:
 def _run(ctx: UnitContext, config: BuildConfig, unit: Unit, files: dict, timer: Timer, started: float,
          audio_embedder: Optional[AudioEmbedder], image_embedder: Optional[ImageEmbedder], digest: str) -> dict:
     samples: list[Sample] = []
+    downloads = unit_downloads(ctx, unit.records)
     for record in unit.records:
-        produced = ctx.processor(record, timer)  # one sample, or one per transcript segment
+        t0 = time.perf_counter()
+        fetched = next(downloads)
+        if fetched:
+            timer.add("download", t0)  # waiting for the record's downloads (they run ahead, in threads)
+        produced = ctx.processor(record, timer, fetched)  # one sample, or one per transcript segment
         if ctx.views is not None:
             produced = ctx.views(produced, timer)  # each written sample followed by its views
         if audio_embedder is not None:

@@ -65,9 +65,10 @@ class RecordProcessor:
             if not has[modality]:
                 raise SampleFiltered(f"missing:{modality}")
 
-    def __call__(self, record: Record, timer: Timer) -> list[Sample]:
-        """The record's samples: one, or one per transcript segment."""
-        sample = Sample(record, base_row(record))
+    def __call__(self, record: Record, timer: Timer, downloads: Optional[dict] = None) -> list[Sample]:
+        """The record's samples: one, or one per transcript segment. ``downloads``: the record's
+        http(s) sources already fetched by the unit (URL → ``Fetched``)."""
+        sample = Sample(record, base_row(record), downloads=downloads or {})
         try:
             return self._process(sample, timer)
         except UserError:
@@ -107,8 +108,7 @@ class RecordProcessor:
         record = sample.record
         start = time.perf_counter()
         if "text" in record.sources:
-            data = read_source(record.sources["text"], "text", self.config.max_sidecar_bytes,
-                               self.config.max_source_bytes)
+            data = self._read(sample, record.sources["text"], "text", self.config.max_sidecar_bytes)
             sample.row["source_bytes"] += len(data)
             sample.row["text_sha256"] = hashlib.sha256(data).hexdigest()
             text, warnings = decode_text(data)
@@ -137,7 +137,7 @@ class RecordProcessor:
         if url is None:
             return
         start = time.perf_counter()
-        data = read_source(url, "image", max_source_bytes=self.config.max_source_bytes)
+        data = self._read(sample, url, "image")
         timer.add("read", start)
         sample.row["source_bytes"] += len(data)
         sample.row["image_sha256"] = hashlib.sha256(data).hexdigest()
@@ -160,11 +160,21 @@ class RecordProcessor:
         if self.keep_images:
             sample.image = result.image
 
+    def _read(self, sample: Sample, url: str, modality: str, max_bytes: Optional[int] = None) -> bytes:
+        """A source's bytes: its download when the unit fetched it (or the reason it has none), else read."""
+        got = sample.downloads.get(url)
+        if got is None:
+            return read_source(url, modality, max_bytes, self.config.max_source_bytes)
+        if got.error is not None:
+            raise got.error
+        if max_bytes is not None and len(got.data) > max_bytes:
+            raise SampleFailed(f"too_large:{modality}", f"{url}: over --max-sidecar-bytes ({max_bytes})")
+        return got.data
+
     def _read_json(self, sample: Sample) -> Optional[bytes]:
         if "json" not in sample.record.sources:
             return None
-        data = read_source(sample.record.sources["json"], "json", self.config.max_sidecar_bytes,
-                           self.config.max_source_bytes)
+        data = self._read(sample, sample.record.sources["json"], "json", self.config.max_sidecar_bytes)
         sample.row["source_bytes"] += len(data)
         return data
 

@@ -30,6 +30,7 @@ class Sample:
     meta: dict = field(default_factory=dict)  # the json member's "meta": manifest columns and .json metadata
     doc: dict = field(default_factory=dict)  # further top-level fields of the json member (segments: start, end …)
     view_parent: Optional["Sample"] = None  # for an augmented view (mmdata.pipeline.samples.views): the sample it was made from
+    downloads: dict = field(default_factory=dict, repr=False)  # URL → its download (mmdata.sources.http.Fetched)
 
 
 class Timer:

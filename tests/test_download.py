@@ -1,0 +1,363 @@
+"""URL manifests: every http(s) source is downloaded inside its unit, and every way a download goes
+wrong ends as that record's row with a reason the user can act on; the build still exits 0 and
+``inputs = written + filtered + failed``. A real HTTP server on 127.0.0.1 (a free port, threads,
+stopped by the tests and by itself after a while) injects the faults."""
+import csv
+import glob
+import hashlib
+import io
+import os
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import run_build
+from mmdata.cli.main import app
+from mmdata.sources.http import DownloadOptions, Downloader, optout_directive, parse_retry_after
+from mmdata.sources.http_net import is_public_address
+
+SERVER_LIFETIME_S = 300  # the server stops itself after this, whatever the tests do
+# Short timeouts so the faults end quickly; the local server is a private address.
+FAST = dict(allow_private_addresses=True, connect_timeout=2.0, read_timeout=1.0, download_timeout=2.0,
+            download_retries=1, retry_after_max=2.0, max_download_bytes=100_000, workers=1, samples_per_shard=8)
+
+
+def jpeg(name: str) -> bytes:
+    """A small JPEG whose colour depends on ``name``."""
+    h = hashlib.sha256(name.encode()).digest()
+    buf = io.BytesIO()
+    Image.new("RGB", (48, 32), tuple(h[:3])).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):  # quiet
+        pass
+
+    def send(self, code: int, body: bytes = b"", ctype: str = "image/jpeg", length: int | None = None, **headers):
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body) if length is None else length))
+        for k, v in headers.items():
+            self.send_header(k.replace("_", "-"), v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):  # noqa: C901 — one route per fault
+        srv = self.server
+        with srv.lock:
+            srv.log.append((time.monotonic(), self.headers.get("Host"), self.path, self.headers.get("User-Agent")))
+        parts = self.path.split("?")[0].strip("/").split("/")
+        kind, name = parts[0], parts[-1]
+        if kind == "img":
+            self.send(200, jpeg(name))
+        elif kind == "slowfirst":
+            time.sleep(3.0)
+            self.send(200, jpeg(name))
+        elif kind == "slowbody":
+            body = jpeg(name)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            for i in range(10):  # a byte every 0.4 s: no read times out, the whole download does
+                try:
+                    self.wfile.write(body[i:i + 1])
+                    self.wfile.flush()
+                except OSError:  # the client gave up
+                    break
+                time.sleep(0.4)
+            self.close_connection = True
+        elif kind == "status":
+            code = int(parts[1])
+            extra = {"Retry_After": "1"} if code in (429, 503) else {}
+            self.send(code, b"no", ctype="text/plain", **extra)
+        elif kind == "redirect":
+            n = int(parts[1])
+            self.send(302, b"", Location=f"/redirect/{n - 1}/{name}" if n > 1 else f"/img/{name}")
+        elif kind == "loop":
+            self.send(302, b"", Location=self.path)
+        elif kind == "html":
+            self.send(200, b"<html>not found</html>", ctype="text/html; charset=utf-8")
+        elif kind == "truncated":
+            self.send(200, jpeg(name)[:100], length=10_000)
+            self.close_connection = True
+        elif kind == "big":  # declared too big
+            self.send(200, b"", length=5_000_000)
+        elif kind == "bigstream":  # no length: found too big while reading
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            for _ in range(30):
+                try:
+                    self.wfile.write(b"\xff" * 10_000)
+                except OSError:
+                    break
+            self.close_connection = True
+        elif kind == "optout":
+            self.send(200, jpeg(name), X_Robots_Tag=parts[1].replace("_", " "))
+        elif kind == "notimage":
+            self.send(200, b"GIF89a but not really an image at all", ctype="image/gif")
+        elif kind == "robots.txt":
+            self.send(200, b"User-agent: mmdata\nDisallow: /private/\n\nUser-agent: *\nDisallow: /\n", ctype="text/plain")
+        elif kind == "private":
+            self.send(200, jpeg(name))
+        elif kind == "flaky":
+            if srv.down:
+                self.send(503, b"down", ctype="text/plain")
+            else:
+                self.send(200, jpeg(name))
+        else:
+            self.send(404, b"?", ctype="text/plain")
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    srv.daemon_threads = True
+    srv.handle_error = lambda request, address: None  # a client that hangs up is no error here
+    srv.log, srv.lock, srv.down = [], threading.Lock(), False
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+    thread.start()
+    stopper = threading.Timer(SERVER_LIFETIME_S, srv.shutdown)
+    stopper.daemon = True
+    stopper.start()
+    srv.base = f"http://127.0.0.1:{srv.server_address[1]}"
+    yield srv
+    stopper.cancel()
+    srv.shutdown()
+    srv.server_close()
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def manifest(tmp_path, urls: dict[str, str], name="urls.csv") -> str:
+    """A csv manifest: key, url, caption."""
+    path = tmp_path / name
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["key", "url", "caption"])
+        for key, url in urls.items():
+            w.writerow([key, url, f"a photo {key}"])
+    return str(path)
+
+
+def rows(out) -> dict:
+    found = {}
+    for f in sorted(glob.glob(f"{out}/shards/*.parquet")):
+        for r in pq.read_table(f).to_pylist():
+            found[r["key"]] = r
+    return found
+
+
+def check_accounting(m: dict, n: int) -> None:
+    c = m["counts"]
+    assert c["inputs"] == n == c["written"] + c["filtered"] + c["failed"]
+
+
+def test_every_fault_ends_in_its_row_with_a_precise_reason(server, tmp_path):
+    b = server.base
+    expected = {  # key: (url, status, reason)
+        "ok": (f"{b}/img/ok.jpg", "written", None),
+        "slow_first_byte": (f"{b}/slowfirst/a.jpg", "failed", "timeout"),
+        "slow_body": (f"{b}/slowbody/a.jpg", "failed", "timeout"),
+        "forbidden": (f"{b}/status/403/a.jpg", "failed", "http:403"),
+        "missing": (f"{b}/status/404/a.jpg", "failed", "http:404"),
+        "gone": (f"{b}/status/410/a.jpg", "failed", "http:410"),
+        "too_many": (f"{b}/status/429/a.jpg", "failed", "http:429"),
+        "server_error": (f"{b}/status/500/a.jpg", "failed", "http:500"),
+        "unavailable": (f"{b}/status/503/a.jpg", "failed", "http:503"),
+        "redirected": (f"{b}/redirect/3/r.jpg", "written", None),
+        "redirect_chain": (f"{b}/redirect/9/r.jpg", "failed", "redirects"),
+        "redirect_loop": (f"{b}/loop/l.jpg", "failed", "redirects"),
+        "html_page": (f"{b}/html/a.jpg", "failed", "content:text/html"),
+        "truncated": (f"{b}/truncated/t.jpg", "failed", "truncated"),
+        "declared_big": (f"{b}/big/a.jpg", "failed", "too_large"),
+        "streamed_big": (f"{b}/bigstream/a.jpg", "failed", "too_large"),
+        "optout_noai": (f"{b}/optout/noai/a.jpg", "filtered", "optout:noai"),
+        "optout_ours": (f"{b}/optout/mmdata:_noimageai,_nofollow/a.jpg", "filtered", "optout:noimageai"),
+        "optout_other_bot": (f"{b}/optout/otherbot:_noai/o.jpg", "written", None),
+        "not_an_image": (f"{b}/notimage/a.jpg", "failed", "decode:image"),
+        "refused": (f"http://127.0.0.1:{closed_port()}/img/a.jpg", "failed", "connect"),
+        "not_http": ("ftp://127.0.0.1/a.jpg", "failed", None),
+        "bad_name": (f"http://{'a' * 64}.test/a.jpg", "failed", "dns"),  # refused before any query
+    }
+    server.log.clear()
+    started = time.monotonic()
+    m = run_build(manifest(tmp_path, {k: v[0] for k, v in expected.items()}), tmp_path / "out", key_col="key",
+                  image_col="url", **FAST)
+    took = time.monotonic() - started
+    check_accounting(m, len(expected))
+    got = rows(tmp_path / "out")
+    for key, (_, status, reason) in expected.items():
+        assert got[key]["status"] == status, (key, got[key])
+        if reason is not None:
+            assert got[key]["reason"] == reason, (key, got[key])
+    assert got["ok"]["image_sha256"] == hashlib.sha256(jpeg("ok.jpg")).hexdigest()
+    assert got["not_http"]["reason"].startswith(("read:", "error:"))
+    paths = [p for _, _, p, _ in server.log]
+    assert paths.count("/status/404/a.jpg") == 1 and paths.count("/status/403/a.jpg") == 1  # not retried
+    assert paths.count("/status/500/a.jpg") == 2 and paths.count("/slowfirst/a.jpg") == 2  # retried once
+    t429 = [t for t, _, p, _ in server.log if p == "/status/429/a.jpg"]
+    assert len(t429) == 2 and t429[1] - t429[0] >= 0.95  # Retry-After: 1 honoured
+    assert paths.count("/loop/l.jpg") == 6  # the first request and 5 redirects, then it stops
+    assert all(ua == "mmdata/0.1" for *_, ua in server.log)
+    assert took < 60
+    assert m["reasons"]["failed"]["timeout"] == 2
+
+
+def test_opt_outs_can_be_emptied_and_the_size_cap_moved(server, tmp_path):
+    b = server.base
+    urls = {"noai": f"{b}/optout/noai/n.jpg", "big": f"{b}/img/big.jpg"}
+    m = run_build(manifest(tmp_path, urls), tmp_path / "out", key_col="key", image_col="url",
+                  **{**FAST, "optout_directives": "", "max_download_bytes": 200})
+    got = rows(tmp_path / "out")
+    assert got["noai"]["status"] == "failed" and got["noai"]["reason"] == "too_large"
+    assert got["big"]["reason"] == "too_large"
+    check_accounting(m, 2)
+    m = run_build(manifest(tmp_path, urls), tmp_path / "out2", key_col="key", image_col="url",
+                  **{**FAST, "optout_directives": ""})
+    assert m["counts"]["written"] == 2
+
+
+def test_robots_txt_when_asked(server, tmp_path):
+    b = server.base
+    urls = {"public": f"{b}/img/pub.jpg", "private": f"{b}/private/p.jpg", "private2": f"{b}/private/q.jpg"}
+    server.log.clear()
+    m = run_build(manifest(tmp_path, urls), tmp_path / "out", key_col="key", image_col="url",
+                  **{**FAST, "respect_robots_txt": True})
+    check_accounting(m, 3)
+    got = rows(tmp_path / "out")
+    assert got["public"]["status"] == "written"  # the rules for mmdata, not those for "*", apply
+    assert got["private"]["reason"] == got["private2"]["reason"] == "optout:robots_txt"
+    paths = [p for _, _, p, _ in server.log]
+    assert paths.count("/robots.txt") == 1 and not any(p.startswith("/private/") for p in paths)
+    m = run_build(manifest(tmp_path, urls), tmp_path / "out2", key_col="key", image_col="url", **FAST)
+    assert m["counts"]["written"] == 3  # off by default
+
+
+def test_private_addresses_are_refused_by_default(server, tmp_path):
+    urls = {f"k{i}": f"{server.base}/img/{i}.jpg" for i in range(3)}
+    urls["name"] = f"http://localhost:{server.server_address[1]}/img/x.jpg"
+    server.log.clear()
+    m = run_build(manifest(tmp_path, urls), tmp_path / "out", key_col="key", image_col="url",
+                  **{**FAST, "allow_private_addresses": False})
+    check_accounting(m, 4)
+    assert m["reasons"]["failed"] == {"blocked:address": 4}
+    assert server.log == []  # not one request reached the server
+    for ip in ("127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "::1", "fe80::1",
+               "::ffff:127.0.0.1", "0.0.0.0", "100.64.0.1", "fc00::1"):
+        assert not is_public_address(ip), ip
+    for ip in ("8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "151.101.1.1"):
+        assert is_public_address(ip), ip
+
+
+def test_per_domain_rate_is_kept_across_workers(server, tmp_path):
+    urls = {f"p{i:02d}": f"{server.base}/img/p{i}.jpg" for i in range(16)}
+    server.log.clear()
+    m = run_build(manifest(tmp_path, urls), tmp_path / "out", key_col="key", image_col="url",
+                  **{**FAST, "per_domain_rps": 5, "workers": 2, "download_threads": 8, "samples_per_shard": 8,
+                     "read_timeout": 5.0, "download_timeout": 10.0})
+    assert m["counts"]["written"] == 16
+    times = sorted(t for t, host, _, _ in server.log)
+    assert len(times) >= 16
+    assert (times[-1] - times[0]) >= (len(times) - 1) / 5 * 0.95  # 5 requests/s on average
+    # each request leaves in its own 0.2 s slot: any 6 consecutive ones span at least 4 slots (a
+    # second when nothing stalls), however loaded the machine
+    spans = [times[i + 5] - times[i] for i in range(len(times) - 5)]
+    assert min(spans) >= 0.75, spans
+
+
+def test_client_caches_dns_and_parses_headers(server):
+    import httpx
+
+    d = Downloader(DownloadOptions(threads=4, allow_private_addresses=True, contact_url="https://example.org/bot"))
+    try:
+        port = server.server_address[1]
+        server.log.clear()
+        got = list(d.fetch_many([(f"http://localhost:{port}/img/{i}.jpg", "image") for i in range(6)]))
+        assert [g.data for g in got] == [jpeg(f"{i}.jpg") for i in range(6)]
+        assert d.resolver.lookups == 1  # one resolution for six downloads
+        assert server.log[0][3] == "mmdata (+https://example.org/bot)"
+    finally:
+        d.close()
+    assert parse_retry_after("7") == 7.0 and parse_retry_after("soon") is None and parse_retry_after(None) is None
+    assert 0 <= parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") <= 0.0 + 1e-9
+    h = httpx.Headers([("X-Robots-Tag", "googlebot: noindex"), ("X-Robots-Tag", "NoAI")])
+    assert optout_directive(h, ("noai", "noindex"), "mmdata") == "noai"
+    assert optout_directive(httpx.Headers({"X-Robots-Tag": "googlebot: noindex"}), ("noindex",), "mmdata") is None
+    assert optout_directive(h, (), "mmdata") is None
+
+
+def digests(out) -> dict:
+    files = sorted(f for p in ("shards/*.tar", "shards/*.parquet", "shards/sizes.json")
+                   for f in glob.glob(os.path.join(str(out), p)))
+    return {os.path.relpath(f, out): hashlib.sha256(open(f, "rb").read()).hexdigest() for f in files}
+
+
+def test_retry_failed_rebuilds_only_units_with_transient_failures(server, tmp_path):
+    b = server.base
+    urls = {**{f"a{i}": f"{b}/flaky/a{i}.jpg" for i in range(3)}, "a3": f"{b}/img/a3.jpg",  # unit 0
+            **{f"b{i}": f"{b}/img/b{i}.jpg" for i in range(4)},  # unit 1
+            "c0": f"{b}/status/404/c0.jpg", "c1": f"{b}/img/c1.jpg"}  # unit 2: a permanent failure
+    src, out = manifest(tmp_path, urls), tmp_path / "out"
+    kw = dict(key_col="key", image_col="url", **{**FAST, "samples_per_shard": 4, "download_retries": 0})
+    server.down = True
+    try:
+        m1 = run_build(src, out, **kw)
+    finally:
+        server.down = False
+    assert m1["reasons"]["failed"] == {"http:503": 3, "http:404": 1} and m1["counts"]["written"] == 6
+    before = digests(out)
+    stamps = {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in before}
+    # the server has recovered: the command line needs only the output folder
+    res = CliRunner().invoke(app, ["build", "-o", str(out), "--retry-failed", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    after = digests(out)
+    m2 = __import__("json").load(open(out / "manifest.json"))
+    check_accounting(m2, 10)
+    assert m2["counts"]["written"] == 9 and m2["reasons"]["failed"] == {"http:404": 1}
+    assert m2["run"]["units_built"] == 1 and m2["run"]["units_skipped"] == 2
+    assert {k: r["status"] for k, r in rows(out).items() if k.startswith("a")} == dict.fromkeys(
+        ["a0", "a1", "a2", "a3"], "written")
+    changed = {f for f in after if after[f] != before[f]}
+    assert changed == {"shards/00000.tar", "shards/00000.parquet", "shards/sizes.json"}
+    for f in ("shards/00001.tar", "shards/00001.parquet", "shards/00002.tar", "shards/00002.parquet"):
+        assert os.stat(os.path.join(out, f)).st_mtime_ns == stamps[f], f  # not even rewritten
+    # nothing transient left: a second retry builds nothing
+    res = CliRunner().invoke(app, ["build", "-o", str(out), "--retry-failed", "--no-progress"])
+    assert res.exit_code == 0 and digests(out) == after
+
+
+def test_retry_failed_needs_a_build(tmp_path):
+    res = CliRunner().invoke(app, ["build", "-o", str(tmp_path / "none"), "--retry-failed"])
+    assert res.exit_code == 2 and "holds no mmdata build" in res.output
+
+
+def test_same_url_build_on_local_dask_and_beam(server, tmp_path):
+    b = server.base
+    urls = {**{f"k{i:02d}": f"{b}/img/k{i}.jpg" for i in range(8)}, "r": f"{b}/redirect/2/r.jpg",
+            "m": f"{b}/status/404/m.jpg", "o": f"{b}/optout/noai/o.jpg", "h": f"{b}/html/h.jpg"}
+    src = manifest(tmp_path, urls)
+    kw = dict(image_col="url", **{**FAST, "samples_per_shard": 4})
+    ref = run_build(src, tmp_path / "local", **kw)
+    check_accounting(ref, len(urls))
+    expected = digests(tmp_path / "local")
+    assert len([f for f in expected if f.endswith(".tar")]) == 3
+    for name, extra in {"dask": dict(engine="dask", workers=2), "beam": dict(engine="beam", workers=1)}.items():
+        m = run_build(src, tmp_path / name, **{**kw, **extra})
+        assert digests(tmp_path / name) == expected, name
+        assert m["counts"] == ref["counts"] and m["reasons"] == ref["reasons"], name
