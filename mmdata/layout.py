@@ -31,7 +31,8 @@ _TMP = r"(\.tmp-[0-9a-zA-Z_-]+)?"
 LAYOUT = re.compile(
     "^(?:" + "|".join([
         r"manifest\.json", r"plan\.parquet",
-        rf"shards/{_N}\.(?:tar|parquet)", rf"shards/{_N}_stats\.json", r"shards/sizes\.json",
+        rf"shards/{_N}\.(?:tar|parquet)", rf"shards/{_N}_(?:stats|offsets)\.json", r"shards/sizes\.json",
+        r"report\.html",
         rf"embeddings/[A-Za-z0-9_]+/{_N}\.npy",
         r"index/ids\.parquet", r"index/index_infos\.json", r"index/[A-Za-z0-9_]+\.index",
         rf"index/parts/[A-Za-z0-9_]+/(?:trained|{_N})\.index",
@@ -42,6 +43,11 @@ LAYOUT = re.compile(
 # folders of the layout, deepest first: removed when the files above leave them empty
 FOLDERS = (r"index/parts/[A-Za-z0-9_]+", r"index/parts", r"index", r"embeddings/[A-Za-z0-9_]+", r"embeddings",
            r"shards", r"\.mmdata-tasks-[A-Za-z0-9_-]+", r"\.mmdata-embed/.+", r"\.mmdata-embed")
+
+
+def offsets_file(name: str) -> str:
+    """The offsets index of shard ``name`` (``00000``): member → (offset, size) in its tar."""
+    return f"shards/{name}_offsets.json"
 
 
 def is_layout_file(rel: str) -> bool:

@@ -17,7 +17,7 @@ from mmdata.encoders.factory import audio_encoder_facts, make_audio_encoder, mak
 from mmdata.encoders.setup_facts import ENCODER_FACTS  # noqa: F401  (what identifies the model: re-exported)
 from mmdata.encoders.setup_facts import SETUP_FACTS, encoder_facts, facts_difference, fix_torch_threads, setup_facts
 from mmdata.keys import key_to_id, sanitize_key
-from mmdata.layout import embedding_file, shard_files
+from mmdata.layout import embedding_file, offsets_file, shard_files
 from mmdata.pipeline.plan import load_unit, records_table, table_digest, unit_ref
 from mmdata.pipeline.samples.embed import AudioEmbedder, ImageEmbedder, embed_samples
 from mmdata.pipeline.samples.record import RecordProcessor
@@ -30,6 +30,7 @@ from mmdata.storage import OutputDir
 from mmdata.transforms.tokenize import get_tokenizer, tokenize_npy
 from mmdata.version import __version__
 from mmdata.writers.npy import npy_bytes
+from mmdata.writers.offsets import offsets_bytes
 from mmdata.writers.table import table_bytes
 from mmdata.writers.tar import write_tar
 
@@ -215,9 +216,11 @@ def _run(ctx: UnitContext, config: BuildConfig, unit: Unit, files: dict, timer: 
             for s, vec in zip(written, embeddings["audio"]):
                 s.members["audio_emb.npy"] = npy_bytes(vec, config.embedding_dtype)
     t0 = time.perf_counter()
+    offsets: list = []
     with ctx.out.atomic_open(files["tar"]) as fh:
-        write_tar(fh, ((s.row["key"], s.members) for s in written))
+        write_tar(fh, ((s.row["key"], s.members) for s in written), offsets)
         tar_bytes = fh.tell()
+    ctx.out.write_bytes(offsets_file(unit.name), offsets_bytes(offsets, tar_bytes))
     ctx.out.write_bytes(files["parquet"], table_bytes([s.row for s in samples], SHARD_SCHEMA))
     for modality, rows in embeddings.items():
         ctx.out.write_bytes(embedding_file(modality, unit.name), npy_bytes(rows, config.embedding_dtype))

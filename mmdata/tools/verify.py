@@ -14,8 +14,10 @@ import pyarrow.parquet as pq
 
 from mmdata.embed_switch import finish_switch
 from mmdata.errors import UserError
+from mmdata.layout import offsets_file
 from mmdata.pipeline.unique_ids import duplicate_ids
 from mmdata.storage import OutputDir
+from mmdata.writers.offsets import scan_offsets
 from mmdata.writers.tar import read_tar_samples
 
 STATUSES = ("written", "filtered", "failed")
@@ -77,7 +79,8 @@ def _check_shard(out: OutputDir, tar_name: str, expected: int, modalities: list[
                  totals: Counter, problems: list[str]) -> None:
     name = tar_name[: -len(".tar")]
     try:
-        samples = read_tar_samples(io.BytesIO(out.read_bytes(f"shards/{tar_name}")))
+        tar_bytes = out.read_bytes(f"shards/{tar_name}")
+        samples = read_tar_samples(io.BytesIO(tar_bytes))
     except FileNotFoundError:
         problems.append(f"shards/{tar_name}: missing (listed in sizes.json)")
         return
@@ -115,6 +118,19 @@ def _check_shard(out: OutputDir, tar_name: str, expected: int, modalities: list[
             problems.append(f"{name}_stats.json accounts for {counts.get('records')} records, "
                             f"the plan gives unit {int(name)} {plan.get(int(name))}")
     _check_embeddings(out, name, modalities, len(written_keys), problems)
+    _check_offsets(out, name, tar_bytes, problems)
+
+
+def _check_offsets(out: OutputDir, name: str, tar_bytes: bytes, problems: list[str]) -> None:
+    """The offsets index, when the shard has one, names every member at its true offset and size."""
+    rel = offsets_file(name)
+    if not out.exists(rel):
+        return  # built before offsets indexes existed: readers scan the tar headers instead
+    doc = _read_json(out, rel, problems)
+    if doc is None:
+        return
+    if [tuple(m) for m in doc.get("members", [])] != scan_offsets(io.BytesIO(tar_bytes)):
+        problems.append(f"{rel}: does not match the members of {name}.tar")
 
 
 def verify_output(url: str) -> list[str]:

@@ -3,15 +3,17 @@ from __future__ import annotations
 
 import io
 import tarfile
-from typing import BinaryIO, Iterable
+from typing import BinaryIO, Iterable, Optional
 
 FIXED_MTIME = 946684800  # 2000-01-01T00:00:00Z: any constant works, a plausible date keeps tools quiet
 
 
-def write_tar(fileobj: BinaryIO, samples: Iterable[tuple[str, dict[str, bytes]]]) -> int:
+def write_tar(fileobj: BinaryIO, samples: Iterable[tuple[str, dict[str, bytes]]],
+              offsets: Optional[list[tuple[str, int, int]]] = None) -> int:
     """Write ``(key, {ext: bytes})`` samples in the given order; members of a sample sorted by name.
 
     Returns the number of samples written. ``ext`` has no leading dot (``jpg``, ``tokens.npy``).
+    ``offsets``, when given, receives ``(member name, offset of its data, size)`` for the offsets index.
     """
     n = 0
     with tarfile.open(fileobj=fileobj, mode="w", format=tarfile.PAX_FORMAT) as tar:
@@ -25,6 +27,9 @@ def write_tar(fileobj: BinaryIO, samples: Iterable[tuple[str, dict[str, bytes]]]
                 info.uid = info.gid = 0
                 info.uname = info.gname = ""
                 tar.addfile(info, io.BytesIO(data))
+                if offsets is not None:  # the data ends at tar.offset, padded to whole blocks
+                    blocks = -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                    offsets.append((info.name, tar.offset - blocks, len(data)))
             n += 1
     return n
 
