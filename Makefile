@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmdata-setup
-EXTRAS ?= cpu,beam,dask,audio,curate,fast,dev
+EXTRAS ?= cpu,beam,dask,audio,curate,fast,see,dev
 export HF_HUB_OFFLINE ?= 1
 
 .PHONY: setup demo test bench clean

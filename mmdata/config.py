@@ -24,7 +24,7 @@ RUNTIME_FIELDS = frozenset({"out", "workers", "engine", "overwrite", "progress",
                             "dask_gpu_resource", "dask_retries",
                             "device", "embed_batch_size", "index_memory_gb", "index_recall_target",
                             "index_key", "index_distributed", "curate", "torch_threads",
-                            "reembed_mismatched"})
+                            "reembed_mismatched", "report"})
 
 # Download fields that decide how fast and how politely, not which samples are written (retry knobs
 # included: --retry-failed may raise them), and the ones that do decide, which stay out of the hash at
@@ -51,6 +51,7 @@ class BuildConfig(BaseModel):
     workers: Optional[int] = Field(None, ge=1, description="worker processes (default: cores)")
     overwrite: bool = Field(False, description="rebuild from scratch instead of resuming")
     progress: bool = Field(True, description="show a progress bar")
+    report: bool = Field(True, description="write report.html at finalize (mmdata report OUT re-makes it)")
     dask_address: Optional[str] = Field(None, description="Dask scheduler (tcp://host:8786); default: a LocalCluster")
     dask_gpu_resource: Optional[str] = Field(None, description="Dask worker resource a unit needs (e.g. GPU)")
     dask_retries: int = Field(3, ge=0, le=100, description="times Dask retries a unit that raised")

@@ -2,6 +2,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MMDATA_STRICT", "1")  # a report that fails to write fails the test (a warning in real builds)
 
 import pytest  # noqa: E402
 

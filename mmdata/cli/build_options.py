@@ -23,7 +23,7 @@ from mmdata.config import BuildConfig
 # (tests/test_cli_options.py checks it), so a new option cannot be forgotten on the command line.
 PANELS: dict[str, tuple[str, ...]] = {
     "Input and output": ("input", "out", "config", "image_col", "text_col", "key_col", "require",
-                         "samples_per_shard", "max_source_bytes", "overwrite", "progress"),
+                         "samples_per_shard", "max_source_bytes", "overwrite", "progress", "report"),
     "Images": ("image_size", "resize_mode", "resize_only_if_bigger", "image_format", "image_quality", "jpeg_codec",
                "min_image_size", "max_aspect_ratio", "max_pixels"),
     "Text": ("min_caption_chars", "max_caption_chars", "max_sidecar_bytes", "tokenize", "tokenizer"),

@@ -203,6 +203,9 @@ def search(
             typer.echo(f"{h.rank:3d}  {h.score:7.4f}  {h.key}  {h.shard}  {h.caption or ''}")
 
 
+app.command(name="report")(__import__("mmdata.cli.report", fromlist=["report"]).report)
+
+
 def main() -> None:
     """Run the CLI; its own usage errors (unknown option, bad value) print one ``error:`` line too."""
     try:
