@@ -204,6 +204,7 @@ def search(
 
 
 app.command(name="report")(__import__("mmdata.cli.report", fromlist=["report"]).report)
+app.command(name="serve")(__import__("mmdata.cli.serve", fromlist=["serve"]).serve)
 
 
 def main() -> None:

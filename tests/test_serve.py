@@ -1,0 +1,152 @@
+"""`mmdata serve` on a demo build: the search page in headless chromium (text query, click for
+neighbours, image upload), the JSON API, clip-retrieval's endpoints, and 4xx for bad requests."""
+import base64
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from mmdata.retrieval import Retriever
+from tests.browser import ROOT, Served, browser, demo_build, get, watch  # noqa: F401  (browser is a fixture)
+
+
+@pytest.fixture(scope="module")
+def demo(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo_serve")
+    demo_build(corpus[0], out)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def served(demo):
+    srv = Served(demo)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def api(served, path, **kw):
+    status, body = get(served.url + path, **kw)
+    return status, json.loads(body)
+
+
+def test_text_query_and_neighbours_in_the_page(browser, served, tmp_path):  # noqa: F811
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    problems = watch(page)
+    page.goto(served.url + "/")
+    page.fill("#q", "a photo of a cat")
+    page.click("#go")
+    page.wait_for_selector("#results .card")
+    cards = page.locator("#results .card")
+    assert cards.count() == 12
+    _, expected = api(served, "/api/search?text=a+photo+of+a+cat&k=12&modality=image")
+    assert [c.get_attribute("data-key") for c in cards.all()] == [r["key"] for r in expected["results"]]
+    page.wait_for_function("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
+    page.screenshot(path=str(tmp_path / "serve_text.png"), full_page=True)
+    first = cards.first.get_attribute("data-key")
+    cards.first.click()
+    page.wait_for_function(f"document.querySelector('#status').textContent.includes('neighbours of {first}')")
+    page.wait_for_selector("#results .card")
+    shown = [c.get_attribute("data-key") for c in page.locator("#results .card").all()]
+    _, neighbours = api(served, f"/api/search?key={first}&k=12&modality=image")
+    assert shown == [r["key"] for r in neighbours["results"]] and first not in shown
+    page.screenshot(path=str(tmp_path / "serve_neighbours.png"), full_page=True)
+    assert not problems, problems
+    page.close()
+
+
+def test_image_upload_in_the_page(browser, served, corpus):  # noqa: F811
+    page = browser.new_page()
+    problems = watch(page)
+    page.goto(served.url + "/")
+    page.set_input_files("#file", os.path.join(corpus[0], "animals", "chelsea.png"))
+    page.wait_for_function("document.querySelector('#status').textContent.includes('similar to chelsea.png')")
+    assert page.locator("#results .card").count() == 12
+    assert not problems, problems
+    # a 50 MB upload sent by the browser itself is refused with 413 and a message
+    status, message = page.evaluate("""async () => {
+        const res = await fetch('/api/search?kind=image', {method: 'POST', body: new Uint8Array(50 * 2 ** 20)});
+        return [res.status, (await res.json()).error];
+    }""")
+    assert status == 413 and "limit" in message
+    page.close()
+
+
+def test_clip_retrieval_back_end(served, demo):
+    status, names = api(served, "/indices-list")
+    assert status == 200 and names == [os.path.basename(demo)]
+    r = Retriever(demo)
+    key = "animals_horse"
+    vec = r.embedding_of(key, "image").tolist()
+    body = {"text": None, "image": None, "image_url": None, "embedding_input": vec, "modality": "image",
+            "num_images": 5, "indice_name": names[0], "num_result_ids": 5, "use_mclip": False, "deduplicate": True,
+            "use_safety_model": False, "use_violence_detector": False, "aesthetic_score": "", "aesthetic_weight": 0.0}
+    status, hits = api(served, "/knn-service", data=json.dumps(body).encode(),
+                       headers={"Content-Type": "application/json"})
+    assert status == 200 and len(hits) == 5
+    assert hits[0]["similarity"] == pytest.approx(1.0, abs=1e-3) and key in [h["key"] for h in hits]
+    assert [h["similarity"] for h in hits] == sorted((h["similarity"] for h in hits), reverse=True)
+    from PIL import Image
+
+    assert Image.open(io.BytesIO(base64.b64decode(hits[0]["image"]))).size[0] > 0
+    body.update(embedding_input=None, text="a horse")
+    status, text_hits = api(served, "/knn-service", data=json.dumps(body).encode())
+    assert status == 200 and [h["key"] for h in text_hits] == [h.key for h in r.search_text("a horse", 5, "image")]
+
+
+def test_members_and_thumbnails_by_offset(served, demo):
+    status, res = api(served, "/api/search?key=animals_horse&k=3")
+    assert status == 200 and len(res["results"]) == 3
+    hit = res["results"][0]
+    status, thumb = get(hit["thumbnail"])
+    assert status == 200 and thumb[:2] == b"\xff\xd8"
+    status, txt = get(f"{served.url}/member/{hit['key']}/txt")
+    assert status == 200 and txt.decode() == hit["caption"]
+
+
+@pytest.mark.parametrize("path,kw,code", [
+    ("/api/search?key=no_such_key", {}, 400),
+    ("/api/search?text=x&k=0", {}, 400),
+    ("/api/search?text=x&k=many", {}, 400),
+    ("/api/search?text=x&colour=red", {}, 400),
+    ("/api/search?text=x&modality=audio", {}, 400),
+    ("/api/search", {}, 400),
+    ("/api/search?kind=image", {"data": b"GIF89a not really"}, 400),
+    ("/api/search?kind=image", {"data": b""}, 400),
+    ("/api/search?kind=image", {"data": b"\0" * (50 * 2**20)}, 413),
+    ("/knn-service", {"data": b"{not json"}, 400),
+    ("/knn-service", {"data": b'{"image": "@@@"}'}, 400),
+    ("/knn-service", {"data": b'{"text": "x", "indice_name": "elsewhere"}'}, 400),
+    ("/knn-service", {"data": b'{"embedding_input": [1, 2]}'}, 400),
+    ("/knn-service", {"data": b'{"image_url": "http://example.invalid/a.jpg"}'}, 400),
+    ("/thumb/no_such_key", {}, 404),
+    ("/member/animals_horse/exe", {}, 404),
+])
+def test_bad_requests_get_4xx_with_a_message(served, path, kw, code):
+    status, body = get(served.url + path, **kw)
+    assert status == code, body
+    assert json.loads(body)["error"]
+
+
+def test_refuses_an_output_without_an_index(demo, tmp_path):
+    out = tmp_path / "noindex"
+    shutil.copytree(demo, out)
+    shutil.rmtree(out / "index")
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    res = subprocess.run([sys.executable, "-m", "mmdata", "serve", str(out), "--port", "1"], capture_output=True,
+                         text=True, env=env, timeout=60, check=False)
+    assert res.returncode == 2 and res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr
+    assert "no index" in res.stderr
+
+
+def test_binds_loopback_by_default():
+    import inspect
+
+    from mmdata.cli.serve import serve
+
+    assert inspect.signature(serve).parameters["host"].default.default == "127.0.0.1"
