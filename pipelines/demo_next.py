@@ -3,8 +3,8 @@
     python -m pipelines.demo_next demo_out [--mmdata .venv/bin/mmdata] [--python .venv/bin/python]
 
 Names the first shard to inspect, a search, a one-line Python loader, the brace pattern of *all*
-the shards (for webdataset and open_clip's ``--train-data``) and whether the model's weights were
-random.
+the shards (for webdataset and open_clip's ``--train-data``), whether the model's weights were
+random, and last the build's report.html and the ``mmdata serve`` command.
 """
 from __future__ import annotations
 
@@ -58,6 +58,11 @@ def next_steps(out: str, mmdata: str = "mmdata", python: str = "python") -> str:
         lines.append(f"note: the embeddings come from {encoder.get('model')} with random weights (seed "
                      f"{encoder.get('seed')}): search and the index run, but neighbours mean nothing. For real "
                      f"ones: --model ViT-B-32 --pretrained laion2b_s34b_b79k (cached) or a checkpoint path.")
+    report = os.path.join(out, "report.html")
+    if os.path.exists(report):
+        lines.append(f"  report.html:      {report}  (open it in a browser)")
+    if manifest.get("index"):
+        lines.append(f"  search page:      {mmdata} serve {q(out)}  (then open http://127.0.0.1:8080/)")
     return "\n".join(lines)
 
 

@@ -137,6 +137,9 @@ def test_demo_next_steps_run_as_printed(offline_build):
     n = len(json.load(open(os.path.join(out, "shards", "sizes.json"))))
     assert n > 1 and f"{out}/shards/{{00000..{n - 1:05d}}}.tar" in text
     assert "random weights" in text and "mmdata-tiny" in text
+    assert text.splitlines()[-2] == f"  report.html:      {out}/report.html  (open it in a browser)"
+    assert os.path.isfile(os.path.join(out, "report.html"))
+    assert text.splitlines()[-1].startswith(f"  search page:      {mmdata} serve {shlex.quote(out)}")
     commands = {line.split(":", 1)[0].strip(): line.split(":", 1)[1].strip()
                 for line in text.splitlines() if line.startswith("  ") and ":" in line}
     for label, expect in [("inspect a shard", "samples"), ("search", "  1  "), ("load a batch", "'image': (4, 3,")]:
