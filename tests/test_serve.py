@@ -150,3 +150,37 @@ def test_binds_loopback_by_default():
     from mmdata.cli.serve import serve
 
     assert inspect.signature(serve).parameters["host"].default.default == "127.0.0.1"
+
+
+def test_audio_upload_searches_the_audio_index(tmp_path):
+    """A recording POSTed to /api/search finds the segments it was cut into (mel-stats audio index)."""
+    sf = pytest.importorskip("soundfile")
+    import numpy as np
+
+    from tests.conftest import run_build
+
+    src = tmp_path / "talks"
+    src.mkdir()
+    sr = 16000
+    t = np.arange(sr * 2) / sr
+    for i, freq in enumerate((220.0, 1760.0)):
+        sf.write(src / f"talk{i}.wav", (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32), sr, subtype="PCM_16")
+        (src / f"talk{i}.srt").write_text("1\n00:00:00,000 --> 00:00:01,000\nhello\n\n"
+                                          "2\n00:00:01,000 --> 00:00:02,000\nworld\n")
+    run_build(src, tmp_path / "out", workers=1, require=["audio"], audio_encoder="mel-stats")
+    srv = Served(tmp_path / "out")
+    try:
+        data = (src / "talk1.wav").read_bytes()
+        status, body = get(srv.url + "/api/search?kind=audio&ext=wav&k=2", data=data,
+                           headers={"Content-Type": "audio/wav"})
+        res = json.loads(body)
+        assert status == 200, res
+        assert res["modality"] == "audio" and {r["key"] for r in res["results"]} == {"talk1_s0000", "talk1_s0001"}
+        status, flac = get(res["results"][0]["audio"])
+        assert status == 200 and flac[:4] == b"fLaC"
+        status, body = get(srv.url + "/api/search?kind=audio&ext=wav", data=b"not a recording")
+        assert status == 400 and "the uploaded audio" in json.loads(body)["error"]
+        status, body = get(srv.url + "/api/search?text=hello&modality=audio")
+        assert status == 400 and "text tower" in json.loads(body)["error"]
+    finally:
+        srv.stop()

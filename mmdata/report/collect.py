@@ -40,10 +40,11 @@ SCAN_COLUMNS = ["key", "status", "reason", "source_image", "source_audio", "sour
 
 
 def _read_table(out: OutputDir, name: str, columns: list[str] | None = None) -> pa.Table:
-    table = pq.read_table(io.BytesIO(out.read_bytes(f"shards/{name}.parquet")), use_threads=False)
+    """A shard table, or only those of ``columns`` it has (read from the file, not the whole table)."""
+    f = pq.ParquetFile(io.BytesIO(out.read_bytes(f"shards/{name}.parquet")))
     if columns is not None:
-        table = table.select([c for c in columns if c in table.column_names])
-    return table
+        columns = [c for c in columns if c in f.schema_arrow.names]
+    return f.read(columns=columns, use_threads=False)
 
 
 def spread(items: list, n: int) -> list:
@@ -86,16 +87,23 @@ class Collector:
         by_kind: dict[tuple[str, str], Counter] = defaultdict(Counter)
         examples: dict[tuple[str, str], list[dict]] = defaultdict(list)
         tables: dict[str, pa.Table] = {}
-        for name in self.shards:
-            table = _read_table(self.out, name)
+        for name in self.shards:  # every shard: the few columns the counts need
             if name in self.sampled:
-                tables[name] = table
+                table = tables[name] = _read_table(self.out, name)
+            else:
+                table = _read_table(self.out, name, SCAN_COLUMNS)
             scan = table.select([c for c in SCAN_COLUMNS if c in table.column_names]).to_pylist()
+            wanted = []
             for i, row in enumerate(scan):
                 key = (row["status"], row.get("reason") or "")
                 by_kind[key][kind_of(row)] += 1
                 if row["status"] != "written" and len(examples[key]) < EXAMPLES_PER_REASON:
-                    examples[key].append((name, table.slice(i, 1).to_pylist()[0]))
+                    examples[key].append(None)  # filled below with the full row
+                    wanted.append((key, len(examples[key]) - 1, i))
+            if wanted:
+                full = table if name in self.sampled else _read_table(self.out, name)
+                for key, slot, i in wanted:
+                    examples[key][slot] = (name, full.slice(i, 1).to_pylist()[0])
         kinds = sorted({k for c in by_kind.values() for k in c})
         rows = []
         for status in STATUSES:

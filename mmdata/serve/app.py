@@ -309,6 +309,9 @@ def _audio_search(srv: Server, data: bytes, ext: str, k: int, modality: str | No
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-        return srv.search("audio", path, k, modality)
+        try:
+            return srv.search("audio", path, k, modality)
+        except UserError as err:
+            raise UserError(str(err).replace(path, "the uploaded audio")) from None
     finally:
         os.unlink(path)
