@@ -7,7 +7,7 @@ import time
 
 BENCHES = ["bench.shard_stage", "bench.audio_stage", "bench.augment", "bench.embed_unit", "bench.embed_forward",
            "bench.engines", "bench.loader", "bench.index_build", "bench.index_budget", "bench.audio_memory",
-           "bench.plan_scale", "bench.curate", "bench.download"]
+           "bench.plan_scale", "bench.curate", "bench.download", "bench.report"]
 
 
 def main() -> None:
