@@ -72,3 +72,11 @@ def test_verify_finds_a_wrong_offset(built, tmp_path):
     path.write_text(json.dumps(doc))
     problems = verify_output(str(out))
     assert any("00001_offsets.json" in p for p in problems), problems
+
+
+def test_offsets_and_report_are_layout_files():
+    """--overwrite removes them with the rest of the output."""
+    from mmdata.layout import is_layout_file
+
+    assert is_layout_file("shards/00000_offsets.json") and is_layout_file("report.html")
+    assert not is_layout_file("shards/00000_offsets.json.bak") and not is_layout_file("notes/report.html")
