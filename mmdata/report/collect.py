@@ -132,7 +132,9 @@ class Collector:
         if card["caption"] is None and row.get("source_text"):
             data, _ = self._source_bytes(row["source_text"])
             if data is not None:
-                card["caption"] = data[:300].decode("utf-8", "replace")
+                text = data[:300].decode("utf-8", "replace")
+                odd = sum(1 for ch in text if ch == "\ufffd" or (ord(ch) < 32 and ch not in "\t\n\r"))
+                card["caption"] = text if odd <= len(text) // 20 else "(the caption file is not readable text)"
         return card
 
     @staticmethod

@@ -9,7 +9,7 @@ body{font:14px/1.45 system-ui,sans-serif;margin:0 auto;max-width:1200px;padding:
 h1{font-size:22px;margin:18px 0 4px}h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid #ddd}
 .sub{color:#666}.counts{display:flex;gap:12px;flex-wrap:wrap}.count{border:1px solid #ddd;border-radius:6px;padding:8px 14px}
 .count b{display:block;font-size:22px}table{border-collapse:collapse;margin:6px 0}td,th{padding:3px 8px;border-bottom:1px solid #eee;text-align:right}
-td:first-child,th:first-child,td.l{text-align:left}.bar{background:#4a7ab8;height:10px;display:inline-block}
+td:first-child,th:first-child,td.l,.funnel th:nth-child(2){text-align:left}.bar{background:#4a7ab8;height:10px;display:inline-block}
 button.reason{background:none;border:none;color:#1a5fb4;cursor:pointer;text-decoration:underline;padding:0;font:inherit}
 .examples{display:none;padding:8px;background:#f6f6f6}.examples.open{display:flex}
 .grid,.examples{flex-wrap:wrap;gap:10px}.grid{display:flex}.card{width:170px;font-size:12px;border:1px solid #ddd;border-radius:6px;padding:5px;background:#fff}
@@ -153,7 +153,7 @@ def render(title: str, d: dict) -> str:
     m = d["manifest"]
     grid = '<div class="grid">' + "".join(card_html(c) for c in d["grid"]) + "</div>" if d["grid"] else \
         "<p class='sub'>no written sample</p>"
-    nbs = "".join('<div class="nb">' + card_html(g["query"], "card query") + "".join(card_html(h) for h in g["hits"])
+    nbs = "".join('<div class="nb">' + card_html({**g["query"], "views": []}, "card query") + "".join(card_html(h) for h in g["hits"])
                   + "</div>" for g in d["neighbours"]) or "<p class='sub'>no index</p>"
     notes = "".join(f"<li>{_e(n)}</li>" for n in d["notes"])
     body = [

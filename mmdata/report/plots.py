@@ -58,7 +58,7 @@ def _hist(name: str, values, xlabel: str, lines: dict[str, float] | None = None,
     lo, hi = float(a.min()), float(a.max())
     span = max(hi - lo, abs(hi), 1e-9)
     for label, x in (lines or {}).items():  # a threshold far outside the data would squash the plot
-        if x is not None and lo - span <= x <= hi + span:
+        if x and lo - span <= x <= hi + span:  # 0 (no minimum) marks nothing
             ax.axvline(x, color="#c0392b", linestyle="--", linewidth=1)
             ax.annotate(label, (x, 1), xycoords=("data", "axes fraction"), rotation=90, va="top", ha="right",
                         fontsize=8, color="#c0392b")
