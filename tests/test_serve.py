@@ -97,6 +97,8 @@ def test_clip_retrieval_back_end(served, demo):
     body.update(embedding_input=None, text="a horse")
     status, text_hits = api(served, "/knn-service", data=json.dumps(body).encode())
     assert status == 200 and [h["key"] for h in text_hits] == [h.key for h in r.search_text("a horse", 5, "image")]
+    status, metas = api(served, "/metadata", data=json.dumps({"ids": [h["id"] for h in hits], "indice_name": names[0]}).encode())
+    assert status == 200 and [m["metadata"]["key"] for m in metas] == [h["key"] for h in hits]
 
 
 def test_members_and_thumbnails_by_offset(served, demo):
@@ -124,6 +126,9 @@ def test_members_and_thumbnails_by_offset(served, demo):
     ("/knn-service", {"data": b'{"text": "x", "indice_name": "elsewhere"}'}, 400),
     ("/knn-service", {"data": b'{"embedding_input": [1, 2]}'}, 400),
     ("/knn-service", {"data": b'{"image_url": "http://example.invalid/a.jpg"}'}, 400),
+    ("/metadata", {"data": b'{"ids": [1]}'}, 404),
+    ("/metadata", {"data": b'{"ids": ["a"]}'}, 400),
+    ("/metadata", {"data": b'{"ids": [99999999999999999999999]}'}, 400),
     ("/thumb/no_such_key", {}, 404),
     ("/member/animals_horse/exe", {}, 404),
 ])

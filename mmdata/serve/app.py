@@ -279,6 +279,27 @@ def make_app(out: str, max_upload: int = MAX_UPLOAD, cors: bool = True) -> Starl
             out.append(item)
         return JSONResponse(out)
 
+    async def metadata(request: Request):
+        """clip-retrieval's metadata call: JSON {ids, indice_name} → [{id, metadata: {caption, key, url}}]."""
+        try:
+            body = json.loads(await read_body(request, max_upload) or b"null")
+        except (ValueError, UnicodeDecodeError):
+            raise BadRequest(400, "the body must be a JSON object") from None
+        ids = body.get("ids") if isinstance(body, dict) else None
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and -2**63 <= i < 2**63
+                                                for i in ids):
+            raise BadRequest(400, "ids must be a list of 64-bit integer ids")
+        if len(ids) > MAX_K:
+            raise BadRequest(400, f"at most {MAX_K} ids at a time")
+        table = srv.retriever._ids
+        try:
+            records = table.records(table.locate(ids)) if ids else []
+        except KeyError:
+            raise BadRequest(404, "an id is not in this build's index") from None
+        b = base(request)
+        return JSONResponse([{"id": r["id"], "metadata": {"caption": r["caption"], "key": r["key"],
+                                                           "url": f"{b}/thumb/{r['key']}"}} for r in records])
+
     async def bad_request(request: Request, exc: BadRequest):
         return JSONResponse({"error": str(exc)}, status_code=exc.status)
 
@@ -292,6 +313,7 @@ def make_app(out: str, max_upload: int = MAX_UPLOAD, cors: bool = True) -> Starl
         Route("/", index_page), Route("/api/info", info), Route("/api/search", api_search, methods=["GET", "POST"]),
         Route("/thumb/{key}", thumb), Route("/member/{key}/{ext}", member),
         Route("/indices-list", indices_list), Route("/knn-service", knn_service, methods=["POST"]),
+        Route("/metadata", metadata, methods=["POST"]),
     ]
     middleware = [Middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["GET", "POST"],
                              allow_headers=["Content-Type"])] if cors else []
