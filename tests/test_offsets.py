@@ -7,7 +7,7 @@ import pytest
 
 from mmdata.layout import offsets_file
 from mmdata.storage import OutputDir
-from mmdata.verify import verify_output
+from mmdata.tools.verify import verify_output
 from mmdata.writers.offsets import ShardReader, scan_offsets
 from mmdata.writers.tar import read_tar_samples, write_tar
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from mmdata.retrieval import Retriever
+from mmdata.search import Retriever
 from tests.browser import ROOT, Served, browser, demo_build, get, watch  # noqa: F401  (browser is a fixture)
 
 

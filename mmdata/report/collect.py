@@ -257,7 +257,7 @@ class Collector:
         if modality is None or not self.out.exists("index/index_infos.json"):
             return []
         try:
-            from mmdata.id_table import IdTable
+            from mmdata.index.ids import IdTable
             from mmdata.index import load_index, search
 
             infos = json.loads(self.out.read_bytes("index/index_infos.json"))

@@ -26,7 +26,7 @@ from starlette.routing import Route
 
 from mmdata.errors import UserError
 from mmdata.report.media import AUDIO_TYPES, IMAGE_EXTS, PreviewError, thumbnail_jpeg
-from mmdata.retrieval import Retriever
+from mmdata.search import Retriever
 from mmdata.serve.page import search_page
 from mmdata.transforms.image import to_rgb
 from mmdata.writers.offsets import ShardReader
