@@ -189,3 +189,18 @@ def test_audio_upload_searches_the_audio_index(tmp_path):
         assert status == 400 and "text tower" in json.loads(body)["error"]
     finally:
         srv.stop()
+
+
+def test_cors_is_off_unless_asked(demo):
+    """Any page open in a browser could query a server that allows every origin: only --cors allows it."""
+    from starlette.testclient import TestClient
+
+    from mmdata.serve.app import make_app
+
+    origin = {"Origin": "http://example.invalid"}
+    with TestClient(make_app(demo), base_url="http://127.0.0.1") as client:
+        res = client.get("/indices-list", headers=origin)
+        assert res.status_code == 200 and "access-control-allow-origin" not in res.headers
+    with TestClient(make_app(demo, cors=True), base_url="http://127.0.0.1") as client:
+        res = client.get("/indices-list", headers=origin)
+        assert res.status_code == 200 and res.headers.get("access-control-allow-origin") in ("*", origin["Origin"])

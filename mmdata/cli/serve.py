@@ -10,8 +10,9 @@ def serve(out: str = typer.Argument(..., help="a build's output folder (with an 
           host: str = typer.Option("127.0.0.1", help="address to bind (127.0.0.1: this machine only)"),
           port: int = typer.Option(8080, min=0, max=65535, help="port to listen on"),
           max_upload_mb: float = typer.Option(20.0, min=0.001, help="largest upload (image, audio, JSON) in MB"),
-          cors: bool = typer.Option(True, "--cors/--no-cors", help="let pages of other origins (clip-retrieval's "
-                                    "front end) call the API")) -> None:
+          cors: bool = typer.Option(False, "--cors/--no-cors", help="let pages of other origins (clip-retrieval's "
+                                    "front end) call the API; off by default, since any page open in a "
+                                    "browser could then query the build")) -> None:
     """Serve a search page, a JSON API and clip-retrieval's /knn-service over a build."""
     try:
         from mmdata.serve import make_app

@@ -166,7 +166,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def make_app(out: str, max_upload: int = MAX_UPLOAD, cors: bool = True) -> Starlette:
+def make_app(out: str, max_upload: int = MAX_UPLOAD, cors: bool = False) -> Starlette:
     """The app over build ``out`` (raises UserError when ``out`` has no index)."""
     srv = Server(out, max_upload)
     modalities = srv.retriever.modalities
