@@ -38,23 +38,7 @@ def list_folder(url: str, exclude: str | None = None) -> list[tuple[str, dict, l
         ext = ext[1:].lower()
         full = path if local else fs.unstrip_protocol(path)
         groups[stem][modality_of(ext) or f"other:{ext or 'none'}"].append(full)
-    out = []
-    for stem in sorted(groups):
-        slots = groups[stem]
-        sources, warnings, problem = {}, [], None
-        for slot, files in sorted(slots.items()):
-            if slot.startswith("other:"):
-                warnings.extend(f"ignored:{posixpath.basename(f)}" for f in files)
-                continue
-            if len(files) > 1:
-                problem = problem or f"ambiguous:{slot}"
-                warnings.extend(f"ambiguous:{posixpath.basename(f)}" for f in files)
-            sources[slot] = files[0]
-        if not sources:
-            problem = "unsupported:" + ",".join(sorted(s.split(":", 1)[1] for s in slots))
-            warnings = []
-        out.append((stem, sources, warnings, problem))
-    return out
+    return list(_group(groups))
 
 
 def _group(stem_files: dict[str, dict[str, list[str]]]):
