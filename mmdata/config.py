@@ -135,13 +135,7 @@ class BuildConfig(BaseModel):
     @classmethod
     def _load_curate(cls, value: Any) -> Any:
         if isinstance(value, str):
-            try:
-                with open(value, encoding="utf-8") as fh:
-                    value = yaml.safe_load(fh) or {}
-            except OSError as exc:
-                raise UserError(f"cannot read curate config {value}: {exc.strerror or exc}") from None
-            except yaml.YAMLError as exc:
-                raise UserError(f"curate config {value} is not valid YAML: {str(exc).splitlines()[0]}") from None
+            value = read_yaml(value, "curate config")
         if isinstance(value, dict) and isinstance(value.get("curate"), dict):
             value = value["curate"]
         return value
@@ -286,17 +280,22 @@ def _nest_audio(values: dict[str, Any], new: dict[str, Any]) -> None:
     # else: ``audio`` is not a mapping, and pydantic names the field
 
 
+def read_yaml(path: str, what: str = "config") -> Any:
+    """The YAML document at ``path`` (an empty file reads as ``{}``); a missing file or bad YAML is one UserError line."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return yaml.safe_load(fh) or {}
+    except OSError as exc:
+        raise UserError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{what} {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+
+
 def load_config(path: Optional[str] = None, **overrides: Any) -> BuildConfig:
     """Merge defaults < YAML file at ``path`` < ``overrides`` (``None`` values ignored) and validate."""
     values: dict[str, Any] = {}
     if path:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                loaded = yaml.safe_load(fh) or {}
-        except OSError as exc:
-            raise UserError(f"cannot read config {path}: {exc.strerror or exc}") from None
-        except yaml.YAMLError as exc:
-            raise UserError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        loaded = read_yaml(path)
         if not isinstance(loaded, dict):
             raise UserError(f"config {path} must be a mapping of field: value")
         values.update({str(k).replace("-", "_"): v for k, v in loaded.items()})

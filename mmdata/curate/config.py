@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from mmdata.config import read_yaml
 from mmdata.errors import UserError
 
 SEMANTIC_MODALITIES = ("image", "text", "audio", "pair")
@@ -81,13 +81,7 @@ def load_curate_config(path: Optional[str] = None, **overrides) -> CurateConfig:
     """Defaults < YAML at ``path`` (a mapping, or its ``curate:`` section) < ``overrides``."""
     values: dict = {}
     if path:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                loaded = yaml.safe_load(fh) or {}
-        except OSError as exc:
-            raise UserError(f"cannot read config {path}: {exc.strerror or exc}") from None
-        except yaml.YAMLError as exc:
-            raise UserError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        loaded = read_yaml(path)
         if isinstance(loaded, dict) and isinstance(loaded.get("curate"), dict):
             loaded = loaded["curate"]
         if not isinstance(loaded, dict):
