@@ -192,6 +192,9 @@ def test_clip_score_filters(image_build, tmp_path):
     kept = [r["clip_score"] for r in top.values() if r["status"] == "written"]
     cut = [r["clip_score"] for r in top.values() if r["reason"] == "filter:clip_top_fraction"]
     assert len(kept) == 13 and len(cut) == 13 and min(kept) >= max(cut)
+    # the curated build has its report: the funnel names the curation reason, a plot shows the scores
+    html = (tmp_path / "top" / "report.html").read_text()
+    assert "filter:clip_top_fraction" in html and "<h3>clip_score (curation)</h3><svg" in html
     threshold = float(np.median([r["clip_score"] for r in top.values()]))
     run_curate(image_build, tmp_path / "min", exact=[], phash_max_distance=-1, clip_min=threshold)
     low = rows(tmp_path / "min")

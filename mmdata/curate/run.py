@@ -155,6 +155,10 @@ def curate(build_url: str, out_url: str, cfg: CurateConfig) -> dict:
     manifest["timings"] = {"wall_seconds": round(time.perf_counter() - started, 3)}
     manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     out.write_bytes("manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
+    if config.report:  # the curated build's report: its funnel lists every curation reason, its plots the scores
+        from mmdata.pipeline.finalize import write_report_or_warn
+
+        write_report_or_warn(out, manifest)
     out.clean_temporaries()
     return manifest
 
