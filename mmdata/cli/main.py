@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -222,7 +223,15 @@ def main() -> None:
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None and exc.exit_code == 2 else ""
         typer.echo(f"error: {exc.format_message()}{hint}", err=True)
         sys.exit(exc.exit_code)
-    sys.exit(code if isinstance(code, int) else 0)
+    code = code if isinstance(code, int) else 0
+    if code:
+        # An error exit has nothing left to write (outputs are committed atomically), so skip the interpreter's
+        # teardown: under load, native thread pools (Arrow, OpenMP) torn down there have aborted the process
+        # ("terminate called without an active exception", exit -6) after the error line, hiding the exit code.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(0)
 
 
 if __name__ == "__main__":
