@@ -14,6 +14,16 @@ def _is_hidden(rel: str) -> bool:
     return any(part.startswith(".") for part in rel.split("/"))
 
 
+def _open_root(url: str, exclude: str | None):
+    """``(fs, root, local, excluded prefix or None)`` of the folder ``url``: what both listings start from."""
+    fs, root = fsspec.core.url_to_fs(url)
+    excl = None
+    if exclude:
+        _, excl = fsspec.core.url_to_fs(exclude)
+        excl = excl.rstrip("/") + "/"
+    return fs, root.rstrip("/"), isinstance(fs, LocalFileSystem), excl
+
+
 def list_folder(url: str, exclude: str | None = None) -> list[tuple[str, dict, list[str], str | None]]:
     """Group the files under ``url`` into ``(stem, sources, warnings, problem)`` tuples, sorted by stem.
 
@@ -22,13 +32,7 @@ def list_folder(url: str, exclude: str | None = None) -> list[tuple[str, dict, l
     ``cat.png``) gets the problem ``ambiguous:<modality>``; one made only of unsupported files gets
     ``unsupported:<ext>``; unsupported files beside supported ones are recorded as warnings.
     """
-    fs, root = fsspec.core.url_to_fs(url)
-    root = root.rstrip("/")
-    local = isinstance(fs, LocalFileSystem)
-    excl = None
-    if exclude:
-        _, excl = fsspec.core.url_to_fs(exclude)
-        excl = excl.rstrip("/") + "/"
+    fs, root, local, excl = _open_root(url, exclude)
     groups: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     for path in sorted(fs.find(root, detail=False)):
         rel = path[len(root) + 1:] if path.startswith(root + "/") else posixpath.basename(path)
@@ -69,13 +73,7 @@ def walk_folder(url: str, exclude: str | None = None, batch_rows: int = 1 << 16)
 
     import pyarrow as pa
 
-    fs, root = fsspec.core.url_to_fs(url)
-    root = root.rstrip("/")
-    local = isinstance(fs, LocalFileSystem)
-    excl = None
-    if exclude:
-        _, excl = fsspec.core.url_to_fs(exclude)
-        excl = excl.rstrip("/") + "/"
+    fs, root, local, excl = _open_root(url, exclude)
     cols: dict[str, list] = {"raw_key": [], "sources": [], "problem": [], "warnings": []}
 
     def table():

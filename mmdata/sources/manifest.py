@@ -83,11 +83,8 @@ def _resolver(url: str):
     return resolve, base
 
 
-def read_manifest(url: str, image_col: str, text_col: str, key_col: str | None):
-    """Rows of the manifest as ``(raw_key, sources, caption, meta)``, in manifest order."""
-    fmt = manifest_format(url)
-    table = _read_table(url, fmt)
-    cols = table.column_names
+def _check_columns(url: str, cols: list[str], image_col: str, text_col: str, key_col: str | None) -> None:
+    """One UserError line when the manifest lacks the key column, or both the image and text columns."""
     if key_col and key_col not in cols:
         raise UserError(f"manifest {url} has no key column {key_col!r} (columns: {', '.join(cols)})")
     if image_col not in cols and text_col not in cols:
@@ -95,6 +92,14 @@ def read_manifest(url: str, image_col: str, text_col: str, key_col: str | None):
             f"manifest {url} has neither image column {image_col!r} nor text column {text_col!r} "
             f"(columns: {', '.join(cols)}); map them with --image-col / --text-col"
         )
+
+
+def read_manifest(url: str, image_col: str, text_col: str, key_col: str | None):
+    """Rows of the manifest as ``(raw_key, sources, caption, meta)``, in manifest order."""
+    fmt = manifest_format(url)
+    table = _read_table(url, fmt)
+    cols = table.column_names
+    _check_columns(url, cols, image_col, text_col, key_col)
     resolve, base = _resolver(url)
     rows = []
     for i, row in enumerate(table.to_pylist()):
@@ -274,13 +279,7 @@ def read_manifest_batches(url: str, image_col: str, text_col: str, key_col: str 
     fs, _ = fsspec.core.url_to_fs(url)
     local = isinstance(fs, LocalFileSystem)
     cols, batches = _open_batches(url, fmt)
-    if key_col and key_col not in cols:
-        raise UserError(f"manifest {url} has no key column {key_col!r} (columns: {', '.join(cols)})")
-    if image_col not in cols and text_col not in cols:
-        raise UserError(
-            f"manifest {url} has neither image column {image_col!r} nor text column {text_col!r} "
-            f"(columns: {', '.join(cols)}); map them with --image-col / --text-col"
-        )
+    _check_columns(url, cols, image_col, text_col, key_col)
     offset = 0
     for batch in batches:
         batch = pa.Table.from_batches([batch])
