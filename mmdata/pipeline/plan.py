@@ -304,7 +304,7 @@ def _route(payload_path: str, raw_path: str, splitters: pa.Array, is_manifest: b
     writers = [ipc.new_file(s, RANGE_SCHEMA) for s in sinks]
     repeats: dict[str, int] = {}  # per distinct name made only of unsafe characters (``""``, ``"."``, ...)
     try:
-        with pa.memory_map(payload_path) as psrc, pa.memory_map(raw_path) as rsrc:
+        with pa.OSFile(payload_path, "rb") as psrc, pa.OSFile(raw_path, "rb") as rsrc:
             payload, raws = ipc.open_file(psrc), ipc.open_file(rsrc)
             row = 0
             for i in range(payload.num_record_batches):
