@@ -197,7 +197,8 @@ def planned_units(config: BuildConfig, tmp: str):
     if not n:
         raise UserError(f"input {config.input} holds no records (empty folder or manifest)")
     if n > IN_MEMORY_ROWS:
-        yield from _whole_units(_ranged(payload_path, raw_path, sample.splitters(-(-n // RANGE_ROWS)), is_manifest, tmp),
+        ranges = min(-(-n // RANGE_ROWS), _max_open_files() - 64)  # one open file per range while routing
+        yield from _whole_units(_ranged(payload_path, raw_path, sample.splitters(ranges), is_manifest, tmp),
                                 config.samples_per_shard)
         return
     keys, order = _sorted_keys(key_chunks, raw_path, is_manifest)
@@ -266,6 +267,21 @@ class _Sample:
         keys = keys.take(pc.sort_indices(keys))
         at = [len(keys) * i // ranges for i in range(1, ranges)]
         return pc.unique(keys.take(pa.array(at, pa.int64())))
+
+
+def _max_open_files() -> int:
+    """The process's limit on open files (raised to its hard limit): the routing pass holds one per range.
+    Beyond it (20,000 ranges of RANGE_ROWS: 5 G records here) ranges grow instead."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        return soft if soft != resource.RLIM_INFINITY else 1 << 20
+    except (ImportError, ValueError, OSError):
+        return 1024
 
 
 def _routing_keys(keys: pa.Array) -> pa.Array:
