@@ -20,7 +20,8 @@ CORE = [
     "httpcore>=1,<2",  # its network backend carries the address guard and the DNS cache
 ]
 EXTRAS = {
-    "fast": ["simplejpeg>=1.7"],  # libjpeg-turbo JPEG codec with 1/8-step DCT scaling (jpeg_codec)
+    # libjpeg-turbo JPEG codec with 1/8-step DCT scaling (jpeg_codec); OpenCV's resize (resize_backend)
+    "fast": ["simplejpeg>=1.7", "opencv-python-headless>=4.8"],
     "cpu": ["faiss-cpu>=1.8"],
     "gpu": ["faiss-gpu>=1.8"],
     "beam": ["apache-beam>=2.55"],

@@ -25,6 +25,7 @@ PANELS: dict[str, tuple[str, ...]] = {
     "Input and output": ("input", "out", "config", "image_col", "text_col", "key_col", "require",
                          "samples_per_shard", "max_source_bytes", "overwrite", "progress", "report"),
     "Images": ("image_size", "resize_mode", "resize_only_if_bigger", "image_format", "image_quality", "jpeg_codec",
+               "resize_backend",
                "min_image_size", "max_aspect_ratio", "max_pixels"),
     "Text": ("min_caption_chars", "max_caption_chars", "max_sidecar_bytes", "tokenize", "tokenizer"),
     "Audio": ("sample_rate", "resample_quality", "mono", "normalize", "peak_db", "target_lufs", "trim_silence",

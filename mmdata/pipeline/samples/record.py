@@ -32,6 +32,7 @@ def image_options(config: BuildConfig) -> ImageOptions:
         max_aspect_ratio=config.max_aspect_ratio,
         max_pixels=config.max_pixels,
         jpeg_codec=config.jpeg_codec,
+        resize_backend=config.resize_backend,
     )
 
 
