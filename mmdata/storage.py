@@ -1,7 +1,8 @@
 """One fsspec I/O layer: reading sources and committing outputs atomically.
 
 Local outputs are written to a temporary name in the same folder, fsynced and renamed, so a killed
-run never leaves a half-written file under its final name. Object stores commit a whole object on
+run never leaves a half-written file under its final name. A group of files (a unit's shard and
+tables) is renamed together after each is fsynced, with one fsync of each folder for the group. Object stores commit a whole object on
 upload, so remote outputs are staged in a local temporary file and uploaded in one put.
 """
 from __future__ import annotations
@@ -121,8 +122,9 @@ class OutputDir:
             self.fs.rm(self.path(rel), recursive=True)
 
     @contextlib.contextmanager
-    def atomic_open(self, rel: str) -> Iterator[BinaryIO]:
-        """A binary file that appears under ``rel`` only if the block completes."""
+    def atomic_open(self, rel: str, sync_folder: bool = True) -> Iterator[BinaryIO]:
+        """A binary file that appears under ``rel`` only if the block completes. ``sync_folder=False``
+        leaves the folder's fsync (which makes the rename itself survive a crash) to the caller."""
         final = self.path(rel)
         folder = posixpath.dirname(final)
         if self.local:
@@ -134,7 +136,8 @@ class OutputDir:
                     fh.flush()
                     os.fsync(fh.fileno())
                 os.replace(tmp, final)
-                fsync_dir(folder)
+                if sync_folder:
+                    fsync_dir(folder)
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
@@ -145,9 +148,21 @@ class OutputDir:
             self.fs.makedirs(folder, exist_ok=True)
             self.fs.put_file(fh.name, final)
 
-    def write_bytes(self, rel: str, data: bytes) -> None:
-        with self.atomic_open(rel) as fh:
+    def write_bytes(self, rel: str, data: bytes, sync_folder: bool = True) -> None:
+        with self.atomic_open(rel, sync_folder) as fh:
             fh.write(data)
+
+    @contextlib.contextmanager
+    def atomic_group(self) -> Iterator["FileGroup"]:
+        """Files that appear under their names together, when the block completes: each is written
+        to a temporary name and fsynced, then all are renamed and each folder is fsynced once (not
+        once per file). A killed block leaves only temporaries (``clean_temporaries``)."""
+        group = FileGroup(self)
+        try:
+            yield group
+            group.commit()
+        finally:
+            group.discard()
 
     def clean_temporaries(self) -> int:
         """Remove temporary files left by killed runs; returns how many."""
@@ -155,3 +170,46 @@ class OutputDir:
         for rel in stale:
             self.remove(rel)
         return len(stale)
+
+
+class FileGroup:
+    """The files of one ``OutputDir.atomic_group`` block (remote outputs: one put per file, as usual)."""
+
+    def __init__(self, out: OutputDir):
+        self.out = out
+        self.pending: list[tuple[str, str]] = []  # (temporary, final) local paths, in write order
+
+    @contextlib.contextmanager
+    def open(self, rel: str) -> Iterator[BinaryIO]:
+        if not self.out.local:
+            with self.out.atomic_open(rel) as fh:
+                yield fh
+            return
+        final = self.out.path(rel)
+        os.makedirs(posixpath.dirname(final), exist_ok=True)
+        tmp = f"{final}.tmp-{uuid.uuid4().hex[:12]}"
+        self.pending.append((tmp, final))
+        with open(tmp, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        with self.open(rel) as fh:
+            fh.write(data)
+
+    def commit(self) -> None:
+        folders = []
+        for tmp, final in self.pending:
+            os.replace(tmp, final)
+            if posixpath.dirname(final) not in folders:
+                folders.append(posixpath.dirname(final))
+        self.pending = []
+        for folder in folders:
+            fsync_dir(folder)
+
+    def discard(self) -> None:
+        for tmp, _ in self.pending:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        self.pending = []

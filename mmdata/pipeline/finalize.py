@@ -114,7 +114,8 @@ def finalize(config: BuildConfig, out: OutputDir, units: list[Unit], wall_second
     if duplicates:
         raise UserError(f"{duplicates[0]}; the output is not usable (run mmdata verify {out.url} for all of them)")
     sizes = {s["shard"]: s["counts"]["written"] for s in all_stats}
-    out.write_bytes("shards/sizes.json", json.dumps(sizes, indent=1, sort_keys=True).encode())
+    out.write_bytes("shards/sizes.json", json.dumps(sizes, indent=1, sort_keys=True).encode())  # fsyncs shards/:
+    # the units' commit markers (renamed there without a folder fsync each) are durable before the manifest
     merged = merge_stats(all_stats)
     this_run = merge_stats([s for u, s in zip(units, all_stats) if u.name not in skipped_units])
     c = merged["counts"]

@@ -1,6 +1,7 @@
 """run_unit: the one function engines schedule. Unit *i* in, shard *i* and its sidecars out.
 
-Outputs are committed in order — tar, parquet, then ``_stats.json`` last — each atomically. A unit
+Outputs are committed in order — tar, offsets, parquet, embeddings together (each fsynced, renamed,
+their folders fsynced once), then ``_stats.json`` last — each atomically. A unit
 is committed when its stats file exists with this config's hash; re-running it is then a no-op.
 Per-process state (transforms, tokenizer, models) is built once and cached by config hash.
 """
@@ -217,13 +218,14 @@ def _run(ctx: UnitContext, config: BuildConfig, unit: Unit, files: dict, timer: 
                 s.members["audio_emb.npy"] = npy_bytes(vec, config.embedding_dtype)
     t0 = time.perf_counter()
     offsets: list = []
-    with ctx.out.atomic_open(files["tar"]) as fh:
-        write_tar(fh, ((s.row["key"], s.members) for s in written), offsets)
-        tar_bytes = fh.tell()
-    ctx.out.write_bytes(offsets_file(unit.name), offsets_bytes(offsets, tar_bytes))
-    ctx.out.write_bytes(files["parquet"], table_bytes([s.row for s in samples], SHARD_SCHEMA))
-    for modality, rows in embeddings.items():
-        ctx.out.write_bytes(embedding_file(modality, unit.name), npy_bytes(rows, config.embedding_dtype))
+    with ctx.out.atomic_group() as group:  # renamed together, one folder fsync, before the commit marker
+        with group.open(files["tar"]) as fh:
+            write_tar(fh, ((s.row["key"], s.members) for s in written), offsets)
+            tar_bytes = fh.tell()
+        group.write_bytes(offsets_file(unit.name), offsets_bytes(offsets, tar_bytes))
+        group.write_bytes(files["parquet"], table_bytes([s.row for s in samples], SHARD_SCHEMA))
+        for modality, rows in embeddings.items():
+            group.write_bytes(embedding_file(modality, unit.name), npy_bytes(rows, config.embedding_dtype))
     timer.add("write", t0)
     stats = unit_stats(unit, config, samples, timer, started, tar_bytes, digest)
     if ctx.encoder is not None:
@@ -234,7 +236,9 @@ def _run(ctx: UnitContext, config: BuildConfig, unit: Unit, files: dict, timer: 
             stats["audio_encoder"].update(ctx.setup)
     if embeddings:
         stats["embeddings"] = {m: {"rows": len(written), "dtype": config.embedding_dtype} for m in embeddings}
-    ctx.out.write_bytes(files["stats"], json.dumps(stats, indent=1, sort_keys=True).encode())
+    # the commit marker: fsynced, renamed; its folder is fsynced by finalize before the manifest (a
+    # marker lost in a crash before then only means the unit is built again)
+    ctx.out.write_bytes(files["stats"], json.dumps(stats, indent=1, sort_keys=True).encode(), sync_folder=False)
     return stats
 
 
