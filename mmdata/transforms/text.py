@@ -1,6 +1,8 @@
 """Caption text: decode bytes, repair mojibake with ftfy, normalise whitespace, bound the length."""
 from __future__ import annotations
 
+import re
+
 import ftfy
 
 from mmdata.errors import SampleFailed
@@ -65,10 +67,15 @@ def decode_text(data: bytes) -> tuple[str, list[str]]:
     return text, warnings
 
 
+# Printable ASCII and the line/tab whitespace, without '&' (HTML entities): text ftfy leaves as it is
+# (once whitespace is collapsed), so the common caption skips ftfy's passes (tests/test_text_fast_path.py).
+_PLAIN = re.compile(r"[ -%'-~\t\n\r]*")
+
+
 def clean_caption(text: str, max_chars: int) -> tuple[str, list[str]]:
     """ftfy-repaired, whitespace-collapsed caption, truncated to ``max_chars`` (recorded)."""
     warnings: list[str] = []
-    fixed = " ".join(ftfy.fix_text(text).split())
+    fixed = " ".join((text if _PLAIN.fullmatch(text) else ftfy.fix_text(text)).split())
     if len(fixed) > max_chars:
         fixed = fixed[:max_chars].rstrip()
         warnings.append("text_truncated")
