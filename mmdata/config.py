@@ -69,12 +69,13 @@ class BuildConfig(BaseModel):
     image_format: Literal["jpg", "png", "webp"] = Field("jpg", description="format of {key}.<ext> in the shards")
     image_quality: int = Field(95, ge=1, le=100, description="jpg/webp quality 1-100")
     jpeg_codec: Literal["pillow", "simplejpeg", "auto"] = Field(
-        "pillow", description="JPEG decode/encode library: pillow, or simplejpeg (libjpeg-turbo, extra 'fast': "
-        "DCT scaling in 1/8 steps, faster); auto = simplejpeg when installed. Part of the config hash: "
+        "auto", validate_default=True, description="JPEG decode/encode library: pillow, or simplejpeg (libjpeg-turbo, extra 'fast': "
+        "DCT scaling in 1/8 steps, faster); auto = simplejpeg when installed, else pillow. Part of the config hash: "
         "the two give different (each deterministic) bytes")
     resize_backend: Literal["pillow", "opencv", "auto"] = Field(
-        "pillow", description="resize library: pillow (Lanczos), or opencv (extra 'fast'; INTER_AREA down, "
-        "INTER_LANCZOS4 up, as img2dataset; faster, slightly softer); auto = opencv when installed. Part of the config hash")
+        "auto", validate_default=True, description="resize library: pillow (Lanczos), or opencv (extra 'fast'; INTER_AREA down, "
+        "INTER_LANCZOS4 up, as img2dataset; faster, slightly softer); auto = opencv when installed, else pillow. "
+        "Part of the config hash")
     min_image_size: int = Field(0, ge=0, description="filter images whose smaller side is below this")
     max_aspect_ratio: Optional[float] = Field(None, ge=1.0, description="filter images more elongated than this")
     max_pixels: int = Field(100_000_000, ge=1, description="decompression-bomb guard, checked on the header")

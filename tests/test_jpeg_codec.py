@@ -85,6 +85,7 @@ def test_codec_is_in_the_hash_and_auto_resolves():
     assert pillow.config_hash != sj.config_hash
     assert auto.jpeg_codec == "simplejpeg" and auto.config_hash == sj.config_hash
     assert "jpeg_codec" not in pillow.content_dict()  # builds made before the option keep their hash
+    assert load_config(**base).jpeg_codec == "simplejpeg"  # the default, auto, takes it when installed
     with pytest.raises(UserError):
         load_config(**base, jpeg_codec="turbo")
 
@@ -112,6 +113,6 @@ def test_simplejpeg_build_is_byte_identical_across_engines(tmp_path):
         manifest = run_build(corpus, tmp_path / name, **extra, **kw)
         assert shards(tmp_path / name) == expected, name
         assert manifest["counts"] == ref["counts"] and manifest["config_hash"] == ref["config_hash"], name
-    pillow = run_build(corpus, tmp_path / "pillow", workers=1, image_size=128, samples_per_shard=4)
+    pillow = run_build(corpus, tmp_path / "pillow", workers=1, image_size=128, samples_per_shard=4, jpeg_codec="pillow")
     assert shards(tmp_path / "pillow") != expected and pillow["config_hash"] != ref["config_hash"]
     assert json.load(open(tmp_path / "pillow" / "manifest.json"))["config"]["jpeg_codec"] == "pillow"

@@ -99,6 +99,7 @@ def test_backend_is_in_the_hash_and_auto_resolves():
     assert pillow.config_hash != cv.config_hash
     assert auto.resize_backend == "opencv" and auto.config_hash == cv.config_hash
     assert "resize_backend" not in pillow.content_dict()  # builds made before the option keep their hash
+    assert load_config(**base).resize_backend == "opencv"  # the default, auto, takes it when installed
     with pytest.raises(UserError):
         load_config(**base, resize_backend="bicubic")
 
@@ -144,6 +145,7 @@ def test_opencv_build_is_byte_identical_across_engines(tmp_path):
         manifest = run_build(corpus, tmp_path / name, **extra, **kw)
         assert shards(tmp_path / name) == expected, name
         assert manifest["counts"] == ref["counts"] and manifest["config_hash"] == ref["config_hash"], name
-    pillow = run_build(corpus, tmp_path / "pillow", workers=1, image_size=128, samples_per_shard=4)
+    pillow = run_build(corpus, tmp_path / "pillow", workers=1, image_size=128, samples_per_shard=4,
+                       resize_backend="pillow")
     assert shards(tmp_path / "pillow") != expected and pillow["config_hash"] != ref["config_hash"]
     assert json.load(open(tmp_path / "pillow" / "manifest.json"))["config"]["resize_backend"] == "pillow"
