@@ -6,7 +6,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any, Callable, Sequence
 
 from mmdata.config import BuildConfig
-from mmdata.pipeline.unit import run_unit
+from mmdata.pipeline.unit import run_unit, uses_torch_encoder
 from mmdata.records import UnitRef
 
 
@@ -15,7 +15,8 @@ class LocalEngine:
 
     At most two units per worker are in flight, so a huge plan does not pickle every unit at once.
     The pool is shut down when the units are done (its workers hold the encoder models);
-    ``map_tasks`` starts its own.
+    ``map_tasks`` starts its own. Without a torch encoder, once every unit is done, the driver does
+    not wait for the idle workers to exit (an interpreter's teardown, ~0.5 s): it finalizes meanwhile.
     """
 
     def __init__(self, config: BuildConfig):
@@ -39,6 +40,9 @@ class LocalEngine:
                 for fut in done:
                     results.append(fut.result())
                     on_done(results[-1])
+            if not uses_torch_encoder(config):  # all done: nothing left for the workers but to exit
+                self.pool.shutdown(wait=False)
+                self.pool = None
         finally:
             self.close()
         return results
