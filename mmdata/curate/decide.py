@@ -13,7 +13,6 @@ from collections import defaultdict
 import numpy as np
 
 from mmdata.curate.config import CurateConfig
-from mmdata.curate.features import phash_bytes
 from mmdata.curate.inputs import InputBuild
 
 SCORE_COLUMNS = ("clip_score", "language", "language_score", "words", "tokens", "speech_ratio", "loudness", "clipping",
@@ -137,30 +136,29 @@ def exact(dec: Decisions, feats: dict, cfg: CurateConfig) -> None:
         dec.duplicates(f"exact_{modality}", np.asarray(dup, np.int64), np.asarray(kept, np.int64), np.ones(len(dup)))
 
 
-def perceptual(dec: Decisions, feats: dict, max_distance: int) -> None:
+def perceptual(dec: Decisions, feats: dict, max_distance: int, *, out=None, folder: str = "phash", engine=None) -> None:
     """Images within Hamming distance ≤ ``max_distance`` of a better-ranked image (more source pixels,
-    then key order) are duplicates of the nearest such image."""
-    import faiss
+    then key order) are duplicates of the nearest such image (ties: the better-ranked). Searched by
+    multi-index hashing in engine tasks (``mmdata.curate.phash``), not all pairs."""
+    from mmdata.curate.phash import near_duplicates
 
     alive = [p for p in dec.dedup_candidates() if feats["phash"][p] is not None]
     if len(alive) < 2:
         return
     w, h = dec.build.column("orig_width"), dec.build.column("orig_height")
     alive.sort(key=lambda p: (-((w[p] or 0) * (h[p] or 0)), dec.build.rank[p]))
-    codes = phash_bytes(np.asarray([feats["phash"][p] for p in alive], dtype=np.int64))
-    index = faiss.IndexBinaryFlat(64)
-    index.add(codes)
-    lims, dist, labels = index.range_search(codes, max_distance + 1)  # distances < radius
-    dup, kept, score = [], [], []
-    for j in range(len(alive)):
-        lo, hi = lims[j], lims[j + 1]
-        better = [(int(d), int(i)) for d, i in zip(dist[lo:hi], labels[lo:hi]) if i < j]
-        if better:
-            d, i = min(better)
-            dup.append(alive[j])
-            kept.append(alive[i])
-            score.append(1.0 - d / 64.0)
-    dec.duplicates("phash", np.asarray(dup, np.int64), np.asarray(kept, np.int64), np.asarray(score))
+    alive = np.asarray(alive, dtype=np.int64)
+    codes = np.asarray([feats["phash"][p] for p in alive], dtype=np.int64)
+    if out is None:
+        import tempfile
+
+        from mmdata.storage import OutputDir
+
+        with tempfile.TemporaryDirectory() as tmp:
+            dup, kept, dist, _ = near_duplicates(codes, max_distance, out=OutputDir(tmp), folder=folder)
+    else:
+        dup, kept, dist, _ = near_duplicates(codes, max_distance, out=out, folder=folder, engine=engine)
+    dec.duplicates("phash", alive[dup], alive[kept], 1.0 - dist / 64.0)
 
 
 def decontaminate(dec: Decisions, cfg: CurateConfig, eval_build: InputBuild) -> None:

@@ -82,7 +82,7 @@ def decide_all(build: InputBuild, cfg: CurateConfig, feats: dict, out: OutputDir
         decide.decontaminate(dec, cfg, InputBuild(_absolute(cfg.exclude_near)))
     decide.exact(dec, feats, cfg)
     if cfg.phash_max_distance is not None:
-        decide.perceptual(dec, feats, cfg.phash_max_distance)
+        decide.perceptual(dec, feats, cfg.phash_max_distance, out=out, folder=f"{SCRATCH}/phash", engine=engine)
     for modality in cfg.semantic:
         vectors, positions = build.vectors(modality, dec.dedup_candidates())
         dup, kept, cos = semantic_dedup(vectors, cfg.eps(modality), out=out, folder=f"{SCRATCH}/semantic_{modality}",
