@@ -123,19 +123,27 @@ def near_duplicates(codes: np.ndarray, max_distance: int, *, out: OutputDir, fol
     if max_distance > 0 and len(distinct) > 1:
         order = np.argsort(first, kind="stable")  # distinct hashes in rank order
         h, rank = distinct[order], first[order]
-        tables = []
-        for b, (shift, width) in enumerate(bands(max_distance)):
+        tasks, pending, held = [], [], 0
+
+        def flush() -> None:  # one task file of the pending (band, value)-sorted rows
+            save_npy(out, f"{folder}/bands_{len(tasks):05d}.npy", np.concatenate(pending, axis=1))
+            tasks.append(BandTask(out.url, folder, len(tasks), max_distance))
+            pending.clear()
+
+        for b, (shift, width) in enumerate(bands(max_distance)):  # one band's rows in memory at a time
             v = _band_value(h, shift, width).astype(np.int64)
             o = np.argsort(v, kind="stable")  # by value, then rank
-            tables.append(np.stack([np.full(len(h), b, np.int64), v[o], h[o].view(np.int64), rank[o]]))
-        rows = np.concatenate(tables, axis=1)
-        del tables
-        cuts = _cuts(rows[0], rows[1])
-        tasks = []
-        for t, (lo, hi) in enumerate(itertools.pairwise(cuts)):
-            save_npy(out, f"{folder}/bands_{t:05d}.npy", np.ascontiguousarray(rows[:, lo:hi]))
-            tasks.append(BandTask(out.url, folder, t, max_distance))
-        del rows
+            rows = np.stack([np.full(len(h), b, np.int64), v[o], h[o].view(np.int64), rank[o]])
+            del v, o
+            cuts = _cuts(rows[0], rows[1])
+            for lo, hi in itertools.pairwise(cuts):
+                if pending and held + (hi - lo) > TASK_ROWS:
+                    flush()
+                    held = 0
+                pending.append(rows[:, lo:hi])
+                held += hi - lo
+            del rows
+        flush()
         results = [run_band_task(task) for task in tasks] if engine is None else \
             engine.map_tasks(run_band_task, tasks, name="phash-bands")
         stats.update(tasks=len(tasks), pairs=sum(r["pairs"] for r in results))
