@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from mmdata.curate import audio as audio_measures
 from mmdata.curate import text as text_measures
+from mmdata.curate.markers import mark_done
 from mmdata.storage import OutputDir
 from mmdata.writers.table import table_bytes
 
@@ -115,6 +116,7 @@ def run_feature_task(task: FeatureTask) -> dict:
         for (row, _), n in zip(with_text, text_measures.token_counts(task.tokenizer, [c for _, c in with_text])):
             row["tokens"] = n
     out.write_bytes(f"{task.folder}/features/{task.name}.parquet", table_bytes(rows, FEATURES_SCHEMA))
+    mark_done(out, task.folder, "measure", task.name, {"rows": len(rows)})
     return {"shard": task.name, "rows": len(rows)}
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mmdata.curate.markers import is_done, mark_done, read_mark
 from mmdata.curate.vectors import load_npy, save_npy
 from mmdata.storage import OutputDir
 
@@ -76,6 +77,7 @@ def run_band_task(task: BandTask) -> dict:
             found.append(np.stack([members[j], members[best[j] & ((1 << RANK_BITS) - 1)], best[j] >> RANK_BITS]))
     result = np.concatenate(found, axis=1) if found else np.zeros((3, 0), np.int64)
     save_npy(out, f"{task.folder}/best_{task.task:05d}.npy", result.astype(np.int64))
+    mark_done(out, task.folder, "band", f"{task.task:05d}", {"pairs": pairs})
     return {"task": task.task, "pairs": pairs, "found": int(result.shape[1])}
 
 
@@ -144,9 +146,13 @@ def near_duplicates(codes: np.ndarray, max_distance: int, *, out: OutputDir, fol
                 held += hi - lo
             del rows
         flush()
-        results = [run_band_task(task) for task in tasks] if engine is None else \
-            engine.map_tasks(run_band_task, tasks, name="phash-bands")
-        stats.update(tasks=len(tasks), pairs=sum(r["pairs"] for r in results))
+        todo = [t for t in tasks if not is_done(out, folder, "band", f"{t.task:05d}")]  # a resumed run skips done ones
+        if engine is None:
+            for task in todo:
+                run_band_task(task)
+        elif todo:
+            engine.map_tasks(run_band_task, todo, name="phash-bands")
+        stats.update(tasks=len(tasks), pairs=sum(read_mark(out, folder, "band", f"{t.task:05d}")["pairs"] for t in tasks))
         best = np.concatenate([load_npy(out, f"{folder}/best_{t.task:05d}.npy") for t in tasks], axis=1)
         if best.shape[1]:
             o = np.lexsort((best[1], best[2], best[0]))  # per duplicate: lowest distance, then best rank

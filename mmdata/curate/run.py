@@ -14,6 +14,7 @@ from mmdata.curate import decide
 from mmdata.curate.config import CurateConfig
 from mmdata.curate.features import FEATURES_SCHEMA, FeatureTask, load_features, run_feature_task
 from mmdata.curate.inputs import InputBuild
+from mmdata.curate.markers import is_done, mark_done, read_mark
 from mmdata.curate.semantic import semantic_dedup
 from mmdata.curate.write import PLAN_SCHEMA, WriteTask, cut, run_write_task, summary_reason
 from mmdata.errors import UserError
@@ -29,9 +30,29 @@ def _absolute(url: str) -> str:
     return url if "://" in url else os.path.abspath(url)
 
 
-def _prepare_output(out: OutputDir, overwrite: bool) -> None:
+def _unfinished(out: OutputDir) -> dict | None:
+    """The identity of the unfinished curation in ``out`` (its first manifest), or None."""
+    try:
+        manifest = json.loads(out.read_bytes("manifest.json"))
+    except (OSError, ValueError):
+        return None
+    curate = manifest.get("curate") if isinstance(manifest, dict) else None
+    if isinstance(curate, dict) and curate.get("finished") is False:
+        return curate.get("run") or {}
+    return None
+
+
+def _prepare_output(out: OutputDir, overwrite: bool, identity: dict) -> bool:
+    """Make ``out`` ready; True when it resumes an unfinished curation of the same source and config."""
     files = out.fs.find(out.root) if out.fs.exists(out.root) else []
     if files:
+        unfinished = _unfinished(out) if not overwrite else None
+        if unfinished == identity:
+            out.clean_temporaries()
+            return True
+        if unfinished is not None:
+            raise UserError(f"{out.url} holds an unfinished curation of another build or config; "
+                            "re-run that command to resume it, or pass --overwrite to start over")
         if not overwrite:
             raise UserError(f"{out.url} is not empty; choose another --out or pass --overwrite")
         if not is_mmdata_output(out) and not all(SCRATCH in f for f in files):
@@ -39,9 +60,11 @@ def _prepare_output(out: OutputDir, overwrite: bool) -> None:
         clear_output(out)
     out.remove(SCRATCH)
     out.ensure_writable()
-    # marks the folder as an mmdata output from the start, so a run killed midway can be --overwritten;
-    # the finished manifest replaces it
-    out.write_bytes("manifest.json", json.dumps({"mmdata_version": __version__, "curate": {"finished": False}}).encode())
+    # marks the folder as an mmdata output from the start, so a run killed midway can be --overwritten,
+    # and names what it curates, so the same command resumes it; the finished manifest replaces it
+    out.write_bytes("manifest.json", json.dumps({"mmdata_version": __version__,
+                                                 "curate": {"finished": False, "run": identity}}).encode())
+    return False
 
 
 def _engine_config(build: InputBuild, cfg: CurateConfig, out_url: str) -> BuildConfig:
@@ -61,8 +84,9 @@ def _features(build: InputBuild, cfg: CurateConfig, out: OutputDir, engine) -> d
     tasks = [FeatureTask(build.url, out.url, SCRATCH, name, phash=cfg.phash_max_distance is not None,
                          language=True, tokenizer=cfg.tokenizer, audio=True,
                          speech=cfg.min_speech_ratio is not None or cfg.max_speech_ratio is not None)
-             for name in build.shards]
-    engine.map_tasks(run_feature_task, tasks, name="curate-features")
+             for name in build.shards if not is_done(out, SCRATCH, "measure", name)]  # resumed: done ones skipped
+    if tasks:
+        engine.map_tasks(run_feature_task, tasks, name="curate-features")
     n = len(build)
     feats = {f.name: [None] * n for f in FEATURES_SCHEMA if f.name != "pos"}
     offsets = np.concatenate([[0], np.cumsum(np.bincount(build.shard, minlength=len(build.shards)))])
@@ -118,16 +142,26 @@ def curate(build_url: str, out_url: str, cfg: CurateConfig) -> dict:
     build = InputBuild(build_url)
     out = OutputDir(out_url)
     config = _engine_config(build, cfg, out_url)
-    _prepare_output(out, cfg.overwrite)
     curate_hash = hashlib.sha256(json.dumps(cfg.content_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    identity = {"source": build.url, "config_hash": curate_hash, "source_config_hash": build.manifest.get("config_hash"),
+                "source_counts": build.manifest.get("counts"), "samples_per_shard": config.samples_per_shard}
+    resumed = _prepare_output(out, cfg.overwrite, identity)
     engine = get_engine(config)
     try:
-        feats = _features(build, cfg, out, engine)
-        dec = decide_all(build, cfg, feats, out, engine, engine.parallelism)
-        names = _write_plans(build, dec, out, config.samples_per_shard)
+        if not is_done(out, SCRATCH, "decide", "all"):
+            feats = _features(build, cfg, out, engine)
+            dec = decide_all(build, cfg, feats, out, engine, engine.parallelism)
+            names = _write_plans(build, dec, out, config.samples_per_shard)
+            mark_done(out, SCRATCH, "decide", "all", {"names": names, "removed": _removed_counts(dec)})
+            del feats, dec
+        decided = read_mark(out, SCRATCH, "decide", "all")
+        names, removed = decided["names"], decided["removed"]
         tasks = [WriteTask(build.url, out.url, SCRATCH, name, build.modalities, curate_hash,
                            cfg.tokenizer if cfg.tokens_member else None) for name in names]
-        all_stats = engine.map_tasks(run_write_task, tasks, name="curate-write")
+        todo = [t for t in tasks if not is_done(out, SCRATCH, "write", t.name)]  # resumed: done shards skipped
+        if todo:
+            engine.map_tasks(run_write_task, todo, name="curate-write")
+        all_stats = [read_mark(out, SCRATCH, "write", name) for name in names]
         sizes = {s["shard"]: s["counts"]["written"] for s in all_stats}
         out.write_bytes("shards/sizes.json", json.dumps(sizes, indent=1, sort_keys=True).encode())
         merged = merge_stats(all_stats)
@@ -139,7 +173,7 @@ def curate(build_url: str, out_url: str, cfg: CurateConfig) -> dict:
                     "units": len(names), "shards": [s["shard"] for s in all_stats],
                     "curate": {"source": build.url, "config": cfg.content_dict(), "config_hash": curate_hash,
                                "input_counts": build.manifest.get("counts"),
-                               "removed": _removed_counts(dec)}}
+                               "removed": removed, **({"resumed": True} if resumed else {})}}
         if build.manifest.get("audio"):
             manifest["audio"] = build.manifest["audio"]
         if build.modalities:
@@ -151,10 +185,10 @@ def curate(build_url: str, out_url: str, cfg: CurateConfig) -> dict:
                 manifest["index"] = {m: {k: i.get(k) for k in ("index_key", "n", "recall_at_10")} for m, i in infos.items()}
     finally:
         engine.close()
-    out.remove(SCRATCH)
     manifest["timings"] = {"wall_seconds": round(time.perf_counter() - started, 3)}
     manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    out.write_bytes("manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
+    out.write_bytes("manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())  # the commit point
+    out.remove(SCRATCH)
     if config.report:  # the curated build's report: its funnel lists every curation reason, its plots the scores
         from mmdata.pipeline.finalize import write_report_or_warn
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mmdata.curate.markers import is_done, mark_done
 from mmdata.curate.vectors import VectorSet, load_npy, save_npy
 from mmdata.storage import OutputDir
 
@@ -130,6 +131,7 @@ def run_cluster_task(task: ClusterTask) -> dict:
                                    .astype(np.int64)], axis=1))
     result = np.concatenate(found) if found else np.zeros((0, 3), dtype=np.int64)
     save_npy(out, rel, result.astype(np.int64))
+    mark_done(out, task.folder, "cluster", f"{task.task:05d}")
     return {"task": task.task, "duplicates": int(len(result))}
 
 
@@ -152,11 +154,12 @@ def semantic_dedup(vectors: VectorSet, eps: float, *, out: OutputDir, folder: st
     n_tasks = max(4 * max(1, parallelism), math.ceil(n * vectors.dim() * 4 / TASK_BYTES))
     groups = group_clusters(sizes, n_tasks)
     tasks = [ClusterTask(out.url, folder, t, g, 1.0 - eps, keep) for t, g in enumerate(groups)]
+    todo = [t for t in tasks if not is_done(out, folder, "cluster", f"{t.task:05d}")]  # a resumed run skips done ones
     if engine is None:
-        for task in tasks:
+        for task in todo:
             run_cluster_task(task)
-    else:
-        engine.map_tasks(run_cluster_task, tasks, name="semdedup")
+    elif todo:
+        engine.map_tasks(run_cluster_task, todo, name="semdedup")
     parts = [load_npy(out, f"{folder}/result_{t.task:05d}.npy") for t in tasks]
     result = np.concatenate(parts) if parts else np.zeros((0, 3), np.int64)
     result = result[np.argsort(result[:, 0], kind="stable")]

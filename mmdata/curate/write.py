@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from mmdata.curate.decide import SCORE_COLUMNS
 from mmdata.curate.features import read_members
+from mmdata.curate.markers import mark_done
 from mmdata.schema import SHARD_SCHEMA
 from mmdata.storage import OutputDir
 from mmdata.writers.table import table_bytes
@@ -110,6 +111,7 @@ def run_write_task(task: WriteTask) -> dict:
              "reasons": {k: dict(sorted(v.items())) for k, v in reasons.items()}, "tar_bytes": tar_bytes,
              "embeddings": {m: {"rows": len(written)} for m in task.modalities}}
     out.write_bytes(f"shards/{task.name}_stats.json", json.dumps(stats, indent=1, sort_keys=True).encode())
+    mark_done(out, task.folder, "write", task.name, stats)
     return stats
 
 

@@ -1,0 +1,124 @@
+"""A killed `mmdata curate` resumes: a real SIGKILL of the process group after the n-th done marker of
+a stage (``MMDATA_TEST_CURATE_PAUSE`` makes the process print a line and sleep there), then the same
+command again gives the bytes of an uninterrupted run, skipping what was done; another config refuses
+in one line unless --overwrite."""
+import glob
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from PIL import Image
+
+from conftest import run_build
+from mmdata.curate import curate, load_curate_config
+from mmdata.tools.verify import verify_output
+from pipelines.demo_corpus import PHOTOS, skimage_photo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OPTIONS = ["--workers", "1", "--samples-per-shard", "3", "--semantic", "pair", "--semantic-eps", "0.0001"]
+
+
+def jpeg(im, quality=90):
+    buf = io.BytesIO()
+    im.convert("RGB").save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory):
+    """Ten photos with captions, an exact copy and a resized copy, built in shards of four."""
+    root = tmp_path_factory.mktemp("resume_in")
+    names = sorted(PHOTOS)[:10]
+    for name in names:
+        (root / f"p_{name.split('.')[0]}.jpg").write_bytes(jpeg(skimage_photo(name)))
+        (root / f"p_{name.split('.')[0]}.txt").write_text(PHOTOS[name][1])
+    first = skimage_photo(names[0]).convert("RGB")
+    (root / "z_copy.jpg").write_bytes((root / f"p_{names[0].split('.')[0]}.jpg").read_bytes())
+    (root / "z_copy.txt").write_text("a copy of the first photo")
+    (root / "z_small.jpg").write_bytes(jpeg(first.resize((first.width // 2, first.height // 2), Image.LANCZOS)))
+    (root / "z_small.txt").write_text("the first photo made smaller")
+    out = tmp_path_factory.mktemp("resume_build")
+    run_build(root, out, workers=1, image_size=64, samples_per_shard=4, model="mmdata-tiny", pretrained="random",
+              embedding_dtype="float32")
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def reference(build, tmp_path_factory):
+    out = tmp_path_factory.mktemp("resume_ref") / "ref"
+    curate(build, str(out), load_curate_config(workers=1, samples_per_shard=3, semantic=["pair"], semantic_eps=0.0001))
+    return str(out)
+
+
+def files(out):
+    skip = ("manifest.json", "index/index_infos.json", "report.html")  # timings, the folder's name
+    return {os.path.relpath(p, out): open(p, "rb").read() for p in sorted(glob.glob(f"{out}/**/*", recursive=True))
+            if os.path.isfile(p) and os.path.relpath(p, out) not in skip}
+
+
+def command(build, out, *extra):
+    return [sys.executable, "-m", "mmdata", "curate", build, "--out", out, *OPTIONS, *extra]
+
+
+def run_and_kill(build, out, point):
+    env = dict(os.environ, MMDATA_TEST_CURATE_PAUSE=point, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen(command(build, out), stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    seen, lines, deadline = False, [], time.time() + 120
+    try:
+        for line in proc.stderr:  # ends when the process does (it sleeps 600 s at the pause)
+            lines.append(line)
+            if line.strip() == f"mmdata-curate-pause {point}":
+                seen = True
+                break
+            assert time.time() < deadline, "".join(lines)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        proc.stderr.close()
+    assert seen, "".join(lines)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def rerun(build, out, *extra):
+    return subprocess.run(command(build, out, *extra), capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1"), timeout=300)
+
+
+@pytest.mark.parametrize("point", ["measure:2", "decide:1", "write:2"])
+def test_killed_curate_resumes_to_the_same_bytes(build, reference, tmp_path, point):
+    out = str(tmp_path / "c")
+    run_and_kill(build, out, point)
+    stage, _, n = point.partition(":")
+    marks = sorted(glob.glob(f"{out}/.mmdata-curate/done/{stage}_*.json"))
+    assert len(marks) == int(n)
+    assert not os.path.exists(f"{out}/shards/sizes.json")  # not finished
+    if stage == "write":
+        done_tar = f"{out}/shards/00000.tar"
+        before = os.stat(done_tar).st_mtime_ns
+        # another config does not mix into it: one line, exit 2, nothing touched
+        r = rerun(build, out, "--phash-max-distance", "4")
+        assert r.returncode == 2 and "unfinished curation" in r.stderr and "--overwrite" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert os.stat(done_tar).st_mtime_ns == before
+    r = rerun(build, out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    if stage == "write":
+        assert os.stat(done_tar).st_mtime_ns == before  # a written shard is not written again
+    assert files(out) == files(reference)
+    assert not os.path.exists(f"{out}/.mmdata-curate")
+    assert verify_output(out) == []
+
+
+def test_other_config_with_overwrite_starts_over(build, reference, tmp_path):
+    out = str(tmp_path / "c")
+    run_and_kill(build, out, "write:1")
+    r = rerun(build, out, "--phash-max-distance", "4", "--overwrite")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = rerun(build, out)  # finished: the same command now needs --overwrite
+    assert r.returncode == 2 and "not empty" in r.stderr
+    r = rerun(build, out, "--overwrite")
+    assert r.returncode == 0 and files(out) == files(reference)
