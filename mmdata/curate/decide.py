@@ -8,7 +8,6 @@ kept for it is removed by a later method, the ledger names the one kept for that
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 
 import numpy as np
 
@@ -112,28 +111,24 @@ def filters(dec: Decisions, cfg: CurateConfig) -> None:
     _threshold(dec, dec.scores["speech_ratio"], "speech_ratio", cfg.min_speech_ratio, cfg.max_speech_ratio)
 
 
-def exact(dec: Decisions, feats: dict, cfg: CurateConfig) -> None:
-    """Identical source bytes (image_sha256, audio_sha256) or normalised caption: the first key stays."""
-    # a segment of a recording shares the recording's audio_sha256: its own audio member's hash counts
-    parents = dec.build.column("parent_key")
-    audio = [m if parents[p] is not None else s
-             for p, (s, m) in enumerate(zip(dec.build.column("audio_sha256"), feats["audio_member_sha256"]))]
-    sources = {"image": dec.build.column("image_sha256"), "audio": audio, "text": feats["caption_hash"]}
+def exact(dec: Decisions, cfg: CurateConfig, *, out, folder: str, buckets: int, engine=None) -> None:
+    """Identical source bytes (image_sha256, audio_sha256) or normalised caption: the first key stays.
+    Grouped by hash bucket in engine tasks (``mmdata.curate.exact``) from the digests the measure
+    tasks wrote; one round per modality, over the samples still kept."""
+    from mmdata.curate.exact import exact_round
+    from mmdata.curate.vectors import save_npy
+
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(dec.build.shard, minlength=len(dec.build.shards)))])
+    save_npy(out, f"{folder}/offsets.npy", offsets.astype(np.int64))
     for modality in ("image", "text", "audio"):
         if modality not in cfg.exact:
             continue
-        values = sources[modality]
-        groups: dict[str, list[int]] = defaultdict(list)
-        for p in dec.dedup_candidates():
-            if values[p]:
-                groups[values[p]].append(int(p))
-        dup, kept = [], []
-        for members in groups.values():
-            if len(members) > 1:
-                members.sort(key=lambda p: dec.build.rank[p])
-                dup += members[1:]
-                kept += [members[0]] * (len(members) - 1)
-        dec.duplicates(f"exact_{modality}", np.asarray(dup, np.int64), np.asarray(kept, np.int64), np.ones(len(dup)))
+        rank = np.full(len(dec.build), -1, dtype=np.int64)
+        candidates = dec.dedup_candidates()
+        rank[candidates] = dec.build.rank[candidates]
+        dup, kept = exact_round(out, folder, modality, rank, dec.build.shards, buckets, engine)
+        del rank
+        dec.duplicates(f"exact_{modality}", dup, kept, np.ones(len(dup)))
 
 
 def perceptual(dec: Decisions, feats: dict, max_distance: int, *, out=None, folder: str = "phash", engine=None) -> None:

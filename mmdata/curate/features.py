@@ -52,6 +52,8 @@ class FeatureTask:
     tokenizer: Optional[str]
     audio: bool
     speech: bool
+    exact: tuple[str, ...] = ()  # modalities whose exact-dedup digests go to <folder>/exact/<modality>/<name>.npy
+    buckets: int = 1  # hash buckets of the exact-dedup tasks
 
 
 def read_members(data: bytes) -> dict[str, dict[str, bytes]]:
@@ -83,7 +85,8 @@ def run_feature_task(task: FeatureTask) -> dict:
     """Write the shard's features parquet (idempotent: same shard → same bytes); return its row count."""
     build, out = OutputDir(task.build), OutputDir(task.out)
     table = pq.read_table(io.BytesIO(build.read_bytes(f"shards/{task.name}.parquet")),
-                          columns=["key", "status", "caption", "image_format", "audio_sha256"], use_threads=False).to_pylist()
+                          columns=["key", "status", "caption", "image_format", "audio_sha256", "image_sha256", "parent_key"],
+                          use_threads=False).to_pylist()
     written = [r for r in table if r["status"] == "written"]
     needs_members = ((task.phash and any(r["image_format"] for r in written))
                      or (task.audio and any(r["audio_sha256"] for r in written)))
@@ -116,8 +119,29 @@ def run_feature_task(task: FeatureTask) -> dict:
         for (row, _), n in zip(with_text, text_measures.token_counts(task.tokenizer, [c for _, c in with_text])):
             row["tokens"] = n
     out.write_bytes(f"{task.folder}/features/{task.name}.parquet", table_bytes(rows, FEATURES_SCHEMA))
+    _write_exact(out, task, table, rows)
     mark_done(out, task.folder, "measure", task.name, {"rows": len(rows)})
     return {"shard": task.name, "rows": len(rows)}
+
+
+def _write_exact(out: OutputDir, task: FeatureTask, table: list[dict], rows: list[dict]) -> None:
+    """The exact-dedup digests of the shard's measured samples, per modality (``mmdata.curate.exact``):
+    image: the source bytes' sha256; text: the normalised caption's; audio: the source's, or for a
+    segment of a recording (which shares the recording's audio_sha256) its own member's."""
+    from mmdata.curate.exact import digest_rows
+    from mmdata.curate.vectors import save_npy
+
+    ok = [row for row in rows if not row.get("error")]
+    for modality in task.exact:
+        if modality == "image":
+            values = [table[row["pos"]]["image_sha256"] for row in ok]
+        elif modality == "text":
+            values = [row.get("caption_hash") for row in ok]
+        else:
+            values = [row.get("audio_member_sha256") if table[row["pos"]]["parent_key"] is not None
+                      else table[row["pos"]]["audio_sha256"] for row in ok]
+        save_npy(out, f"{task.folder}/exact/{modality}/{task.name}.npy",
+                 digest_rows([row["pos"] for row in ok], values, task.buckets))
 
 
 def load_features(out: OutputDir, folder: str, name: str) -> pa.Table:

@@ -14,8 +14,8 @@ from mmdata.curate.vectors import VectorSet, open_rows
 from mmdata.errors import UserError
 from mmdata.storage import OutputDir
 
-COLUMNS = ["key", "status", "reason", "row", "caption", "image_sha256", "text_sha256", "audio_sha256",
-           "orig_width", "orig_height", "parent_key", "view_of"]
+COLUMNS = ["key", "status", "reason", "row", "orig_width", "orig_height", "view_of"]  # captions and hashes stay
+# in the shards: the measure and exact-dedup tasks read them there
 
 
 class InputBuild:

@@ -13,6 +13,7 @@ from mmdata.config import BuildConfig
 from mmdata.curate import decide
 from mmdata.curate.config import CurateConfig
 from mmdata.curate.features import FEATURES_SCHEMA, FeatureTask, load_features, run_feature_task
+from mmdata.curate.exact import n_buckets
 from mmdata.curate.inputs import InputBuild
 from mmdata.curate.markers import is_done, mark_done, read_mark
 from mmdata.curate.semantic import semantic_dedup
@@ -83,15 +84,17 @@ def _features(build: InputBuild, cfg: CurateConfig, out: OutputDir, engine) -> d
     """Measure every written sample on the engine; the measures as lists over the build's positions."""
     tasks = [FeatureTask(build.url, out.url, SCRATCH, name, phash=cfg.phash_max_distance is not None,
                          language=True, tokenizer=cfg.tokenizer, audio=True,
-                         speech=cfg.min_speech_ratio is not None or cfg.max_speech_ratio is not None)
+                         speech=cfg.min_speech_ratio is not None or cfg.max_speech_ratio is not None,
+                         exact=tuple(cfg.exact), buckets=n_buckets(len(build)))
              for name in build.shards if not is_done(out, SCRATCH, "measure", name)]  # resumed: done ones skipped
     if tasks:
         engine.map_tasks(run_feature_task, tasks, name="curate-features")
     n = len(build)
-    feats = {f.name: [None] * n for f in FEATURES_SCHEMA if f.name != "pos"}
+    skip = {"pos", "caption_hash", "audio_member_sha256"}  # the exact-dedup tasks read those from scratch files
+    feats = {f.name: [None] * n for f in FEATURES_SCHEMA if f.name not in skip}
     offsets = np.concatenate([[0], np.cumsum(np.bincount(build.shard, minlength=len(build.shards)))])
     for i, name in enumerate(build.shards):
-        table = load_features(out, SCRATCH, name).to_pydict()
+        table = load_features(out, SCRATCH, name).select(["pos", *feats]).to_pydict()
         for j, pos in enumerate(table["pos"]):
             for col in feats:
                 feats[col][offsets[i] + pos] = table[col][j]
@@ -104,7 +107,7 @@ def decide_all(build: InputBuild, cfg: CurateConfig, feats: dict, out: OutputDir
     decide.filters(dec, cfg)
     if cfg.exclude_near:
         decide.decontaminate(dec, cfg, InputBuild(_absolute(cfg.exclude_near)))
-    decide.exact(dec, feats, cfg)
+    decide.exact(dec, cfg, out=out, folder=f"{SCRATCH}/exact", buckets=n_buckets(len(build)), engine=engine)
     if cfg.phash_max_distance is not None:
         decide.perceptual(dec, feats, cfg.phash_max_distance, out=out, folder=f"{SCRATCH}/phash", engine=engine)
     for modality in cfg.semantic:
