@@ -7,6 +7,13 @@ size) as per-shard ``.npy`` files, the way a build stores them: points scattered
 cluster, eps 0.01) runs in a child process, so its peak RSS is measured alone (RUSAGE_CHILDREN of a
 small wrapper). Prints precision and recall of the planted pairs (target ≥ 0.95 each), wall time, and
 the peak RSS against 2 GiB.
+
+Then the driver's memory of a whole ``mmdata curate`` at two sizes (default 10,000 and 50,000 rows;
+``MMDATA_BENCH_CURATE_DRIVER=200000,1000000`` for more): a real build of tiny images (500 patterns, so
+perceptual and exact duplicates abound) and captions, curated with 2 workers in a fresh process that
+prints its own peak RSS (RUSAGE_SELF: the driver, with the tasks that run in it when a stage has one
+task) and its largest worker's (RUSAGE_CHILDREN). Prints bytes per row, and the ratio of the two
+peaks against the ratio of the sizes (flat: 1).
 """
 from __future__ import annotations
 
@@ -68,6 +75,60 @@ def write_corpus(root: str, n: int, dim: int, seed: int) -> tuple[np.ndarray, np
     return np.concatenate(src), np.concatenate(dst), shard
 
 
+DRIVER = """
+import resource, sys, time
+from mmdata.curate import curate, load_curate_config
+if __name__ == "__main__":
+    t = time.perf_counter()
+    m = curate(sys.argv[1], sys.argv[2], load_curate_config(workers=2, overwrite=True))
+    print(m["counts"]["inputs"], m["counts"]["written"], round(time.perf_counter() - t, 1),
+          resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
+"""
+
+
+def image_manifest(root: str, n: int) -> str:
+    """A manifest of ``n`` rows over 5,000 tiny PNGs (500 patterns with one pixel changed) and captions."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    os.makedirs(f"{root}/img", exist_ok=True)
+    base = rng.integers(0, 255, (500, 8, 8, 3), dtype=np.uint8)
+    for i in range(min(n, 5000)):
+        a = base[i % 500].copy()
+        a[i % 8, (i // 8) % 8] = (i * 7) % 255
+        Image.fromarray(a).resize((32, 32), Image.NEAREST).save(f"{root}/img/{i}.png")
+    words = np.asarray(["red", "green", "blue", "cat", "dog", "house", "tree", "river", "stone", "light", "dark", "small",
+                        "large", "old", "new", "bird", "fish", "road", "hill", "sky"])
+    caps = [" ".join(w) for w in words[rng.integers(0, len(words), (n, 8))]]
+    pq.write_table(pa.table({"key": [f"k{i:09d}" for i in range(n)], "image": [f"{root}/img/{i % 5000}.png" for i in range(n)],
+                             "caption": caps}), f"{root}/m.parquet")
+    return f"{root}/m.parquet"
+
+
+def driver_memory(root: str, sizes: list[int]) -> None:
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "HF_HUB_OFFLINE": "1"}
+    peaks = []
+    for n in sizes:
+        folder = f"{root}/driver_{n}"
+        manifest = image_manifest(folder, n)
+        subprocess.run([sys.executable, "-m", "mmdata", "build", "-i", manifest, "-o", f"{folder}/build", "--key-col", "key",
+                        "--workers", "2", "--no-report", "--no-progress", "--samples-per-shard", "5000", "--image-size", "32"],
+                       check=True, capture_output=True, env=env)
+        proc = subprocess.run([sys.executable, "-c", DRIVER, f"{folder}/build", f"{folder}/curated"],
+                              check=False, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"curate failed: {proc.stderr[-2000:]}")
+        rows, written, wall, peak, worker = (float(v) for v in proc.stdout.split()[-5:])
+        peaks.append(peak)
+        print(f"curate {int(rows):,} rows ({int(written):,} kept): {wall:.1f} s, driver peak RSS {peak / 2**20:.0f} MiB "
+              f"({peak / rows:,.0f} B/row), largest worker {worker / 2**20:.0f} MiB; {peak / LIMIT:.3f} x the 2 GiB limit")
+        shutil.rmtree(folder, ignore_errors=True)
+    if len(sizes) == 2:
+        print(f"driver peak grows {peaks[1] / peaks[0]:.2f}x for {sizes[1] / sizes[0]:.0f}x the rows (flat: 1.00)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=int(os.environ.get("MMDATA_BENCH_CURATE_N", 200_000)))
@@ -95,6 +156,9 @@ def main() -> None:
           f"{'met' if min(precision, recall) >= 0.95 else 'NOT met'})")
     print(f"wall time: {wall:.1f} s ({args.n / wall:,.0f} vectors/s)")
     print(f"peak RSS of the dedup process: {peak / 2**20:.0f} MiB = {peak / LIMIT:.3f} x the 2 GiB limit")
+    sizes = [int(v) for v in os.environ.get("MMDATA_BENCH_CURATE_DRIVER", "10000,50000").split(",") if v]
+    if sizes:
+        driver_memory(root, sizes)
     shutil.rmtree(root, ignore_errors=True)
 
 
