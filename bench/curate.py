@@ -80,7 +80,7 @@ import resource, sys, time
 from mmdata.curate import curate, load_curate_config
 if __name__ == "__main__":
     t = time.perf_counter()
-    m = curate(sys.argv[1], sys.argv[2], load_curate_config(workers=2, overwrite=True))
+    m = curate(sys.argv[1], sys.argv[2], load_curate_config(workers=2, overwrite=True, samples_per_shard=500))
     print(m["counts"]["inputs"], m["counts"]["written"], round(time.perf_counter() - t, 1),
           resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
 """
