@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import time
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from mmdata.version import __version__
 from mmdata.config import BuildConfig
@@ -22,7 +25,6 @@ from mmdata.errors import UserError
 from mmdata.layout import clear_output, is_mmdata_output
 from mmdata.records import Unit
 from mmdata.storage import OutputDir
-from mmdata.writers.table import table_bytes
 
 SCRATCH = ".mmdata-curate"
 
@@ -121,14 +123,22 @@ def decide_all(build: InputBuild, cfg: CurateConfig, feats: dict, out: OutputDir
 
 
 def _write_plans(build: InputBuild, dec: decide.Decisions, out: OutputDir, per_shard: int) -> list[str]:
-    order = np.argsort(build.rank, kind="stable").tolist()  # positions in key order
-    shards = cut(order, [dec.status[p] == "written" for p in order], per_shard)
+    order = np.argsort(build.rank, kind="stable")  # positions in key order
+    shards = cut(order.tolist(), (dec.status[order] == "written").tolist(), per_shard)
+    del order
     names = []
-    for i, positions in enumerate(shards):
+    for i, positions in enumerate(shards):  # columns, not a dict per row: a shard's plan spans its removed rows too
         name = f"{i:05d}"
-        rows = [{"in_shard": build.shards[build.shard[p]], "in_pos": int(build.pos[p]), "status": dec.status[p],
-                 "reason": dec.reason[p], **{c: dec.scores[c][p] for c in decide.SCORE_COLUMNS}} for p in positions]
-        out.write_bytes(f"{SCRATCH}/units/{name}.parquet", table_bytes(rows, PLAN_SCHEMA))
+        positions = np.asarray(positions, dtype=np.int64)
+        columns = {"in_shard": pa.array(np.asarray(build.shards, dtype=object)[build.shard[positions]], pa.string()),
+                   "in_pos": pa.array(build.pos[positions], pa.int32()),
+                   "status": pa.array(dec.status[positions], pa.string()),
+                   "reason": pa.array([dec.reason[p] for p in positions.tolist()], pa.string()),
+                   **{c: pa.array([dec.scores[c][p] for p in positions.tolist()], PLAN_SCHEMA.field(c).type)
+                      for c in decide.SCORE_COLUMNS}}
+        buf = io.BytesIO()
+        pq.write_table(pa.table(columns, schema=PLAN_SCHEMA), buf, compression="zstd")
+        out.write_bytes(f"{SCRATCH}/units/{name}.parquet", buf.getvalue())
         names.append(name)
     return names
 
