@@ -56,7 +56,7 @@ class FeatureTask:
     buckets: int = 1  # hash buckets of the exact-dedup tasks
 
 
-def read_members(data: bytes) -> dict[str, dict[str, bytes]]:
+def read_members(data: bytes, keys: set[str] | None = None) -> dict[str, dict[str, bytes]]:
     """``{key: {ext: bytes}}`` of a shard that mmdata wrote (member ``{key}.{ext}``, keys without dots,
     as webdataset splits them), read with ``tarfile`` alone: workers need not import webdataset (and torch)."""
     import tarfile
@@ -66,6 +66,8 @@ def read_members(data: bytes) -> dict[str, dict[str, bytes]]:
         for info in tar:
             if info.isfile():
                 key, _, ext = info.name.rpartition("/")[2].partition(".")
+                if keys is not None and key not in keys:  # only the samples asked for are read
+                    continue
                 samples.setdefault(key, {})[ext] = tar.extractfile(info).read()
     return samples
 

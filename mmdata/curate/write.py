@@ -73,8 +73,11 @@ def run_write_task(task: WriteTask) -> dict:
     sources = sorted({p["in_shard"] for p in plan})
     tables = {s: pq.read_table(io.BytesIO(build.read_bytes(f"shards/{s}.parquet")), use_threads=False).to_pylist()
               for s in sources}
-    needed = {s for p in plan if p["status"] == "written" for s in [p["in_shard"]]}
-    members = {s: read_members(build.read_bytes(f"shards/{s}.tar")) for s in sorted(needed)}
+    needed: dict[str, set[str]] = {}  # input shard → keys of its kept samples (one tar in memory at a time)
+    for p in plan:
+        if p["status"] == "written":
+            needed.setdefault(p["in_shard"], set()).add(tables[p["in_shard"]][p["in_pos"]]["key"])
+    members = {s: read_members(build.read_bytes(f"shards/{s}.tar"), keys) for s, keys in sorted(needed.items())}
     rows, written, emb_rows = [], [], []
     for p in plan:
         row = dict(tables[p["in_shard"]][p["in_pos"]])
