@@ -12,8 +12,8 @@ Then the driver's memory of a whole ``mmdata curate`` at two sizes (default 10,0
 ``MMDATA_BENCH_CURATE_DRIVER=200000,1000000`` for more): a real build of tiny images (500 patterns, so
 perceptual and exact duplicates abound) and captions, curated with 2 workers in a fresh process that
 prints its own peak RSS (RUSAGE_SELF: the driver, with the tasks that run in it when a stage has one
-task) and its largest worker's (RUSAGE_CHILDREN). Prints bytes per row, and the ratio of the two
-peaks against the ratio of the sizes (flat: 1).
+task) and its largest worker's (RUSAGE_CHILDREN). Prints the ratio of the two peaks against the
+ratio of the sizes (flat: 1) and the bytes per added row.
 """
 from __future__ import annotations
 
@@ -123,10 +123,11 @@ def driver_memory(root: str, sizes: list[int]) -> None:
         rows, written, wall, peak, worker = (float(v) for v in proc.stdout.split()[-5:])
         peaks.append(peak)
         print(f"curate {int(rows):,} rows ({int(written):,} kept): {wall:.1f} s, driver peak RSS {peak / 2**20:.0f} MiB "
-              f"({peak / rows:,.0f} B/row), largest worker {worker / 2**20:.0f} MiB; {peak / LIMIT:.3f} x the 2 GiB limit")
+              f"largest worker {worker / 2**20:.0f} MiB; {peak / LIMIT:.3f} x the 2 GiB limit")
         shutil.rmtree(folder, ignore_errors=True)
     if len(sizes) == 2:
-        print(f"driver peak grows {peaks[1] / peaks[0]:.2f}x for {sizes[1] / sizes[0]:.0f}x the rows (flat: 1.00)")
+        print(f"driver peak grows {peaks[1] / peaks[0]:.2f}x for {sizes[1] / sizes[0]:.0f}x the rows (flat: 1.00); "
+              f"{(peaks[1] - peaks[0]) / (sizes[1] - sizes[0]):,.0f} bytes per added row")
 
 
 def main() -> None:
