@@ -122,7 +122,7 @@ def driver_memory(root: str, sizes: list[int]) -> None:
             raise RuntimeError(f"curate failed: {proc.stderr[-2000:]}")
         rows, written, wall, peak, worker = (float(v) for v in proc.stdout.split()[-5:])
         peaks.append(peak)
-        print(f"curate {int(rows):,} rows ({int(written):,} kept): {wall:.1f} s, driver peak RSS {peak / 2**20:.0f} MiB "
+        print(f"curate {int(rows):,} rows ({int(written):,} kept): {wall:.1f} s, driver peak RSS {peak / 2**20:.0f} MiB, "
               f"largest worker {worker / 2**20:.0f} MiB; {peak / LIMIT:.3f} x the 2 GiB limit")
         shutil.rmtree(folder, ignore_errors=True)
     if len(sizes) == 2:
