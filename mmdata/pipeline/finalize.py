@@ -45,12 +45,22 @@ def merge_stats(all_stats: list[dict]) -> dict:
         for status, by_reason in stats["reasons"].items():
             reasons[status].update(by_reason)
         seconds.update(stats.get("seconds", {}))
-    return {
+    merged = {
         "records": counts["records"],
         "counts": {k: counts[k] for k in ("inputs", "written", "filtered", "failed")},
         "reasons": {k: dict(sorted(v.items())) for k, v in reasons.items()},
         "stage_seconds": {k: round(v, 3) for k, v in sorted(seconds.items())},
     }
+    downloads = [s["downloads"] for s in all_stats if s.get("downloads")]
+    if downloads:  # the units' download statistics, summed (seconds: over URLs, overlapping)
+        total: Counter = Counter()
+        outcomes: Counter = Counter()
+        for d in downloads:
+            total.update({k: v for k, v in d.items() if k != "outcomes"})
+            outcomes.update(d.get("outcomes", {}))
+        merged["downloads"] = {**{k: total[k] for k in ("urls", "requests", "retries", "bytes")},
+                               "seconds": round(total["seconds"], 3), "outcomes": dict(sorted(outcomes.items()))}
+    return merged
 
 
 def _same(all_stats: list[dict], name: str) -> dict | None:

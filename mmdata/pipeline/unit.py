@@ -83,13 +83,31 @@ def _urls(record: Record) -> list[tuple[str, str]]:
     return [(url, slot) for slot, url in sorted(record.sources.items()) if slot in DOWNLOADED_SLOTS and is_url(url)]
 
 
-def unit_downloads(ctx: UnitContext, records: list[Record]) -> Iterator[dict]:
+def unit_downloads(ctx: UnitContext, records: list[Record], tally: dict | None = None) -> Iterator[dict]:
     """For each record in order, its http(s) sources downloaded (URL → ``Fetched``): the unit's URLs
-    are fetched concurrently, a bounded window ahead of the record being processed."""
+    are fetched concurrently, a bounded window ahead of the record being processed. ``tally`` gets the
+    unit's download statistics (:func:`download_stats`)."""
     wanted = [item for r in records for item in _urls(r)]
     fetched = ctx.downloader.fetch_many(wanted) if wanted else iter(())
     for r in records:
-        yield {url: next(fetched) for url, _ in _urls(r)}
+        got = {url: next(fetched) for url, _ in _urls(r)}
+        if tally is not None:
+            add_download_stats(tally, got.values())
+        yield got
+
+
+def add_download_stats(tally: dict, fetched) -> None:
+    """Adds URLs' downloads to a unit's ``downloads`` statistics: URLs, HTTP requests, retries, body
+    bytes received, seconds (summed over URLs: downloads overlap, so more than the wall time) and
+    the URLs per outcome (``ok`` or the download's reason)."""
+    for f in fetched:
+        tally["urls"] = tally.get("urls", 0) + 1
+        tally["requests"] = tally.get("requests", 0) + f.requests
+        tally["retries"] = tally.get("retries", 0) + max(0, f.attempts - 1)
+        tally["bytes"] = tally.get("bytes", 0) + f.bytes
+        tally["seconds"] = tally.get("seconds", 0.0) + f.seconds
+        outcome = "ok" if f.error is None else f.error.reason
+        tally.setdefault("outcomes", {})[outcome] = tally.get("outcomes", {}).get(outcome, 0) + 1
 
 
 def uses_torch_encoder(config: BuildConfig) -> bool:
@@ -170,7 +188,8 @@ def run_unit(config: BuildConfig, unit: Union[int, UnitRef, Unit]) -> dict:
 def _run(ctx: UnitContext, config: BuildConfig, unit: Unit, files: dict, timer: Timer, started: float,
          audio_embedder: Optional[AudioEmbedder], image_embedder: Optional[ImageEmbedder], digest: str) -> dict:
     samples: list[Sample] = []
-    downloads = unit_downloads(ctx, unit.records)
+    download_tally: dict = {}
+    downloads = unit_downloads(ctx, unit.records, download_tally)
     for record in unit.records:
         t0 = time.perf_counter()
         fetched = next(downloads)
@@ -228,6 +247,9 @@ def _run(ctx: UnitContext, config: BuildConfig, unit: Unit, files: dict, timer: 
             group.write_bytes(embedding_file(modality, unit.name), npy_bytes(rows, config.embedding_dtype))
     timer.add("write", t0)
     stats = unit_stats(unit, config, samples, timer, started, tar_bytes, digest)
+    if download_tally:
+        stats["downloads"] = {**download_tally, "seconds": round(download_tally["seconds"], 4),
+                              "outcomes": dict(sorted(download_tally["outcomes"].items()))}
     if ctx.encoder is not None:
         stats["encoder"] = encoder_facts(ctx.encoder.info(), ctx.setup)
     if ctx.audio_encoder is not None:

@@ -110,6 +110,12 @@ def _shards(rows: list[dict], manifest: dict) -> str:
            + (f'; index built in {_e(t.get("index_seconds"))} s' if t.get("index_seconds") is not None else "")
            + ". Seconds per stage (summed over workers): "
            + ", ".join(f"{_e(k)} {_e(v)}" for k, v in stage.items()) + "</p>"]
+    d = manifest.get("downloads")
+    if d:
+        out.append(f'<p class="downloads">Downloads: {_n(d.get("urls"))} URLs, {_n(d.get("requests"))} HTTP requests '
+                   f'({_n(d.get("retries"))} retries), {_n(d.get("bytes"))} body bytes received, {_e(d.get("seconds"))} s '
+                   "(summed over URLs). Outcomes: "
+                   + ", ".join(f"{_e(k)} {_n(v)}" for k, v in (d.get("outcomes") or {}).items()) + "</p>")
     out.append('<table class="shards"><tr><th>shard</th><th>records</th><th>inputs</th><th>written</th><th>filtered</th>'
                '<th>failed</th><th>bytes</th><th>seconds</th><th>inputs/s</th></tr>')
     for r in rows:

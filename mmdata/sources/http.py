@@ -94,6 +94,9 @@ class Fetched:
     final_url: str | None = None
     content_type: str | None = None
     attempts: int = 0
+    requests: int = 0  # HTTP requests sent for it: attempts × redirect hops, robots.txt fetched on its way
+    bytes: int = 0  # body bytes received, over all its attempts
+    seconds: float = 0.0  # from the first request's wait for its slot to the outcome, retries and backoff included
     retry_after: float | None = field(default=None, repr=False)
     transient: bool = field(default=False, repr=False)
 
@@ -155,6 +158,7 @@ class Downloader:
         self.pool = ThreadPoolExecutor(max_workers=o.threads, thread_name_prefix="mmdata-download")
         self._robots: dict[str, object] = {}
         self._robots_lock = threading.Lock()
+        self._tally = threading.local()  # requests and body bytes of the fetch running in this thread
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -184,10 +188,15 @@ class Downloader:
         """The URL's bytes or the reason it has none, after the retries transient problems allow."""
         o = self.options
         attempt = 0
+        t = self._tally
+        t.requests = t.bytes = 0
+        began = time.monotonic()
         while True:
             attempt += 1
             result = self._attempt(url, modality)
             result.attempts = attempt
+            result.requests, result.bytes = t.requests, t.bytes
+            result.seconds = time.monotonic() - began
             if not result.transient or attempt > o.retries:
                 return result
             if result.retry_after is not None:
@@ -213,6 +222,7 @@ class Downloader:
                 return Fetched(url, error=SampleFiltered("optout:robots_txt", current), final_url=current)
             with self.gate.slot(parsed.host):
                 started = started or time.monotonic()
+                self._count("requests", 1)
                 try:
                     with self.client.stream("GET", parsed) as resp:
                         if resp.status_code in REDIRECTS and resp.headers.get("location"):
@@ -258,6 +268,7 @@ class Downloader:
         try:
             for chunk in resp.iter_bytes():
                 size += len(chunk)
+                self._count("bytes", len(chunk))
                 if size > o.max_bytes:
                     return _failed(url, "too_large", f"body over --max-download-bytes ({o.max_bytes})", **facts)
                 if time.monotonic() - started > o.total_timeout:
@@ -266,6 +277,10 @@ class Downloader:
         except httpx.RemoteProtocolError as exc:  # the connection closed before Content-Length bytes came
             return _failed(url, "truncated", str(exc), transient=True, **facts)
         return Fetched(url, data=b"".join(chunks), **facts)
+
+    def _count(self, name: str, n: int) -> None:
+        t = self._tally
+        setattr(t, name, getattr(t, name, 0) + n)
 
     def _robots_allow(self, url: httpx.URL) -> bool:
         """robots.txt of the URL's origin (fetched once per process, through the same gate and
