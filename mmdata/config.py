@@ -61,6 +61,8 @@ class BuildConfig(BaseModel):
     image_col: str = Field("image", description="manifest column with image paths/URLs")
     text_col: str = Field("caption", description="manifest column with captions")
     key_col: Optional[str] = Field(None, description="manifest column with sample keys (default: from the image path)")
+    audio_col: Optional[str] = Field(None, description="manifest column with audio paths/URLs (default: none; "
+                                                       "with --require audio for audio-only manifests)")
     require: list[Literal["image", "text", "audio"]] = Field(default_factory=lambda: ["image", "text"], description="modalities a record must have")
     # image
     image_size: int = Field(256, ge=8, le=16384, description="target size in pixels")
@@ -248,6 +250,8 @@ class BuildConfig(BaseModel):
         """The fields that determine the output bytes. Without an augment config the augmentation
         fields change nothing, and stay out (builds made before they existed keep their hash)."""
         skip = RUNTIME_FIELDS | (AUGMENT_FIELDS if self.augment is None else frozenset())
+        if self.audio_col is None:  # builds made before the option existed keep their hash
+            skip = skip | {"audio_col"}
         if self.jpeg_codec == "pillow":  # the codec before the option existed: those builds keep their hash
             skip = skip | {"jpeg_codec"}
         if self.resize_backend == "pillow":  # likewise the resize library

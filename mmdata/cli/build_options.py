@@ -22,7 +22,7 @@ from mmdata.config import BuildConfig
 # Panels of `mmdata build --help`, in display order. Every field of the model is in exactly one
 # (tests/test_cli_options.py checks it), so a new option cannot be forgotten on the command line.
 PANELS: dict[str, tuple[str, ...]] = {
-    "Input and output": ("input", "out", "config", "image_col", "text_col", "key_col", "require",
+    "Input and output": ("input", "out", "config", "image_col", "text_col", "key_col", "audio_col", "require",
                          "samples_per_shard", "max_source_bytes", "overwrite", "progress", "report"),
     "Images": ("image_size", "resize_mode", "resize_only_if_bigger", "image_format", "image_quality", "jpeg_codec",
                "resize_backend",

@@ -159,7 +159,8 @@ def _input_batches(config: BuildConfig):
     fs, path = fsspec.core.url_to_fs(config.input)
     fmt = manifest_format(config.input)
     if fmt and fs.isfile(path):
-        batches = read_manifest_batches(config.input, config.image_col, config.text_col, config.key_col)
+        batches = read_manifest_batches(config.input, config.image_col, config.text_col, config.key_col,
+                                        audio_col=config.audio_col)
         return (t.append_column("problem", pa.nulls(t.num_rows, pa.string()))
                  .append_column("warnings", pa.array([[]] * t.num_rows, pa.list_(pa.string()))) for t in batches), True
     if fs.isdir(path):

@@ -62,8 +62,8 @@ class UnitContext:
         return self._downloader
 
 
-# Source slots a unit downloads when they hold http(s) URLs (audio is read by its own stage).
-DOWNLOADED_SLOTS = ("image", "text", "json")
+# Source slots a unit downloads when they hold http(s) URLs (a manifest's --audio-col among them).
+DOWNLOADED_SLOTS = ("audio", "image", "text", "json")
 
 
 def download_options(config: BuildConfig) -> DownloadOptions:

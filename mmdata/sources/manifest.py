@@ -84,32 +84,41 @@ def _resolver(url: str):
     return resolve, base
 
 
-def _check_columns(url: str, cols: list[str], image_col: str, text_col: str, key_col: str | None) -> None:
-    """One UserError line when the manifest lacks the key column, or both the image and text columns."""
-    if key_col and key_col not in cols:
-        raise UserError(f"manifest {url} has no key column {key_col!r} (columns: {', '.join(cols)})")
-    if image_col not in cols and text_col not in cols:
+def _check_columns(url: str, cols: list[str], image_col: str, text_col: str, key_col: str | None,
+                   audio_col: str | None = None) -> None:
+    """One UserError line when the manifest lacks the key or audio column asked for, or has none of the
+    image, text (and audio) columns."""
+    for what, col in (("key", key_col), ("audio", audio_col)):
+        if col and col not in cols:
+            raise UserError(f"manifest {url} has no {what} column {col!r} (columns: {', '.join(cols)})")
+    if image_col not in cols and text_col not in cols and not audio_col:
         raise UserError(
             f"manifest {url} has neither image column {image_col!r} nor text column {text_col!r} "
             f"(columns: {', '.join(cols)}); map them with --image-col / --text-col"
         )
 
 
-def read_manifest(url: str, image_col: str, text_col: str, key_col: str | None):
-    """Rows of the manifest as ``(raw_key, sources, caption, meta)``, in manifest order."""
+def read_manifest(url: str, image_col: str, text_col: str, key_col: str | None, audio_col: str | None = None):
+    """Rows of the manifest as ``(raw_key, sources, caption, meta)``, in manifest order (the whole file
+    at once, row by row: the reference the streaming reader below is tested against)."""
     fmt = manifest_format(url)
     table = _read_table(url, fmt)
     cols = table.column_names
-    _check_columns(url, cols, image_col, text_col, key_col)
+    _check_columns(url, cols, image_col, text_col, key_col, audio_col)
     resolve, base = _resolver(url)
     rows = []
     for i, row in enumerate(table.to_pylist()):
         image = row.pop(image_col, None)
+        audio = row.pop(audio_col, None) if audio_col else None
         caption = row.pop(text_col, None)
         key = row.pop(key_col, None) if key_col else None
         sources = {}
         if image not in (None, ""):
             sources["image"] = resolve(str(image))
+        if audio not in (None, ""):
+            sources["audio"] = resolve(str(audio))
+            if image in (None, ""):
+                image = audio  # the key comes from the audio path
         if key in (None, ""):
             if image not in (None, ""):
                 stem = posixpath.splitext(str(image).split("?")[0])[0]
@@ -439,7 +448,30 @@ def _open_batches(url: str, fmt: str):
     return pf.schema_arrow.names, batches()
 
 
-def read_manifest_batches(url: str, image_col: str, text_col: str, key_col: str | None):
+def _resolve_paths(image: pa.Array, base: str, fs, local: bool) -> tuple[pa.Array, pa.Array]:
+    """``(has a value, the value resolved as _resolver resolves it)`` of a column of source paths."""
+    import pyarrow.compute as pc
+
+    has_image = pc.fill_null(pc.not_equal(image, ""), False)
+    # sources: URLs as they are, absolute paths as they are, relative ones joined to the manifest's folder
+    url_like = pc.fill_null(pc.match_substring(image, "://"), False)
+    absolute = pc.fill_null(pc.starts_with(image, "/"), False)
+    joined = pc.binary_join_element_wise(base, image, "/") if base else image
+    odd = pc.fill_null(pc.match_substring_regex(joined, r"(^|/)\.{1,2}(/|$)|//|/$"), False)
+    odd = pc.and_(pc.and_(odd, has_image), pc.invert(pc.or_(url_like, absolute)))
+    if pc.any(odd).as_py():  # ".", ".." or "//" in a relative path: normalised by posixpath
+        fixed = [posixpath.normpath(v) for v in joined.filter(odd).to_pylist()]
+        joined = pc.replace_with_mask(joined, odd, pa.array(fixed, pa.string()))
+    full = pc.if_else(absolute, image, joined)
+    if not local:  # a remote manifest's paths keep its protocol
+        todo = pc.and_(has_image, pc.invert(url_like))
+        if pc.any(todo).as_py():
+            fixed = [fs.unstrip_protocol(v) for v in full.filter(todo).to_pylist()]
+            full = pc.replace_with_mask(full, todo, pa.array(fixed, pa.string()))
+    return has_image, pc.if_else(url_like, image, full)
+
+
+def read_manifest_batches(url: str, image_col: str, text_col: str, key_col: str | None, audio_col: str | None = None):
     """The manifest as Arrow tables of ``raw_key, sources, caption, meta`` (``sources`` and ``meta`` JSON
     text), in manifest order: the values ``read_manifest`` gives, computed column by column."""
     import pyarrow.compute as pc
@@ -449,7 +481,7 @@ def read_manifest_batches(url: str, image_col: str, text_col: str, key_col: str 
     fs, _ = fsspec.core.url_to_fs(url)
     local = isinstance(fs, LocalFileSystem)
     cols, batches = _open_batches(url, fmt)
-    _check_columns(url, cols, image_col, text_col, key_col)
+    _check_columns(url, cols, image_col, text_col, key_col, audio_col)
     offset = 0
     for batch in batches:
         batch = pa.Table.from_batches([batch])
@@ -463,25 +495,19 @@ def read_manifest_batches(url: str, image_col: str, text_col: str, key_col: str 
                 if text_col in cols and text_col != image_col else none)
         key = (_as_text(batch.column(key_col).combine_chunks())
                if key_col and key_col not in (image_col, text_col) else none)
-        has_image = pc.fill_null(pc.not_equal(image, ""), False)
-        # sources: URLs as they are, absolute paths as they are, relative ones joined to the manifest's folder
-        url_like = pc.fill_null(pc.match_substring(image, "://"), False)
-        absolute = pc.fill_null(pc.starts_with(image, "/"), False)
-        joined = pc.binary_join_element_wise(base, image, "/") if base else image
-        odd = pc.fill_null(pc.match_substring_regex(joined, r"(^|/)\.{1,2}(/|$)|//|/$"), False)
-        odd = pc.and_(pc.and_(odd, has_image), pc.invert(pc.or_(url_like, absolute)))
-        if pc.any(odd).as_py():  # ".", ".." or "//" in a relative path: normalised by posixpath
-            fixed = [posixpath.normpath(v) for v in joined.filter(odd).to_pylist()]
-            joined = pc.replace_with_mask(joined, odd, pa.array(fixed, pa.string()))
-        full = pc.if_else(absolute, image, joined)
-        if not local:  # a remote manifest's paths keep its protocol
-            todo = pc.and_(has_image, pc.invert(url_like))
-            if pc.any(todo).as_py():
-                fixed = [fs.unstrip_protocol(v) for v in full.filter(todo).to_pylist()]
-                full = pc.replace_with_mask(full, todo, pa.array(fixed, pa.string()))
-        resolved = pc.if_else(url_like, image, full)
+        has_image, resolved = _resolve_paths(image, base, fs, local)
         sources = pc.if_else(has_image, pc.binary_join_element_wise('{"image": ', json_strings(resolved), "}", ""),
                              pa.scalar("{}"))
+        if audio_col and audio_col not in (image_col, text_col, key_col):
+            audio = _as_text(batch.column(audio_col).combine_chunks())
+            has_audio, heard = _resolve_paths(audio, base, fs, local)
+            if pc.any(has_audio).as_py():  # {"audio": …, "image": …} as json.dumps(sort_keys=True) writes it
+                part = pc.binary_join_element_wise('"audio": ', json_strings(heard), "")
+                sep = pc.if_else(has_image, pa.scalar(", "), pa.scalar(""))
+                rest = pc.utf8_slice_codeunits(sources, start=1)
+                sources = pc.if_else(has_audio, pc.binary_join_element_wise("{", part, sep, rest, ""), sources)
+                image = pc.if_else(has_image, image, audio)  # the key comes from the audio path
+                has_image = pc.or_(has_image, has_audio)
         # keys: the key column, else the image's path without extension (relative to the manifest's folder)
         stem = image
         if pc.any(pc.match_substring(image, "?")).as_py():
@@ -497,7 +523,7 @@ def read_manifest_batches(url: str, image_col: str, text_col: str, key_col: str 
             derived = pc.if_else(has_image, derived, rows)
         raw_key = pc.if_else(pc.fill_null(pc.not_equal(key, ""), False), key, derived)
         try:
-            meta = _meta_json(batch, [c for c in cols if c not in (image_col, text_col, key_col)])
+            meta = _meta_json(batch, [c for c in cols if c not in (image_col, text_col, key_col, audio_col)])
         except RecursionError:
             raise _cannot_read(url, fmt, ValueError("a value is nested too deeply")) from None
         yield pa.table({"raw_key": raw_key, "sources": sources, "caption": text, "meta": meta})

@@ -105,7 +105,10 @@ class AudioProcessor:
         """The record's audio bytes (undecoded); source facts go into the row."""
         url, row = sample.record.sources["audio"], sample.row
         t0 = time.perf_counter()
-        data = read_source(url, "audio", max_source_bytes=self.config.max_source_bytes)
+        got = sample.downloads.get(url)  # an http(s) source the unit downloaded (or the reason it has none)
+        if got is not None and got.error is not None:
+            raise got.error
+        data = got.data if got is not None else read_source(url, "audio", max_source_bytes=self.config.max_source_bytes)
         timer.add("read", t0)
         row["source_bytes"] += len(data)
         row["audio_sha256"] = hashlib.sha256(data).hexdigest()
