@@ -3,7 +3,10 @@ retries, body bytes received, download seconds and outcomes; ``manifest.json`` s
 report.html shows them. The numbers are checked against what the local server observed."""
 import glob
 import json
+import os
 import pathlib
+import subprocess
+import sys
 import threading
 from http.server import ThreadingHTTPServer
 
@@ -61,8 +64,15 @@ def test_download_statistics_match_what_the_server_saw(server, tmp_path):
     for k in ("urls", "requests", "retries", "bytes"):
         assert sum(u["downloads"][k] for u in units) == d[k]
     assert abs(sum(u["downloads"]["seconds"] for u in units) - d["seconds"]) < 0.01
-    html = (tmp_path / "out" / "report.html").read_text()
-    assert f"Downloads: 12 URLs, {d['requests']} HTTP requests (1 retries), {d['bytes']:,} body bytes" in html
+    line = f"Downloads: 12 URLs, {d['requests']} HTTP requests (1 retries), {d['bytes']:,} body bytes"
+    assert line in (tmp_path / "out" / "report.html").read_text()
+    # `mmdata report OUT` in a fresh process makes it again (it failed on `pa.compute` not imported)
+    (tmp_path / "out" / "report.html").unlink()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-m", "mmdata", "report", str(tmp_path / "out")], capture_output=True,
+                          text=True, env=env, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert line in (tmp_path / "out" / "report.html").read_text()
 
 
 def test_a_build_without_urls_has_no_download_statistics(tmp_path):

@@ -13,6 +13,7 @@ from collections import Counter, defaultdict
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # pa.compute below: a fresh `mmdata report` process had not imported it
 import pyarrow.parquet as pq
 
 from mmdata.report.media import (
@@ -257,8 +258,8 @@ class Collector:
         if modality is None or not self.out.exists("index/index_infos.json"):
             return []
         try:
-            from mmdata.index.ids import IdTable
             from mmdata.index import load_index, search
+            from mmdata.index.ids import IdTable
 
             infos = json.loads(self.out.read_bytes("index/index_infos.json"))
             index = load_index(self.out.local_path(f"index/{modality}.index"), infos.get(modality))
