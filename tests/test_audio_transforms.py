@@ -329,3 +329,22 @@ def test_decode_process_flac_roundtrip_from_a_file(tmp_path):
     data = encode_flac(y, info["sample_rate"])
     back, sr2, _ = decode_audio(data, "flac")
     assert sr2 == 16000 and len(back) == len(y) == 16000
+
+
+def test_log_mel_bits_do_not_depend_on_blas_threads():
+    """A BLAS product's last bits change with its thread count, and a float16 log-mel value on a rounding
+    edge then differed by one step between a worker process and the test process (seen after the engine
+    tests had run). The mel power (and so the log-mel) must have the same bits on 1 and 2 BLAS threads."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from mmdata.transforms.audio import AudioConfig, log_mel, mel_power
+
+    cfg = AudioConfig(sample_rate=16000)
+    clips = [0.1 * np.random.default_rng(i).standard_normal(16000 * 3).astype(np.float32) for i in range(12)]
+    with threadpoolctl.threadpool_limits(1, user_api="blas"):
+        one = [(mel_power(y, 16000, cfg), log_mel(y, 16000, cfg)) for y in clips]
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        two = [(mel_power(y, 16000, cfg), log_mel(y, 16000, cfg)) for y in clips]
+    for (power1, mel1), (power2, mel2) in zip(one, two):
+        assert power1.dtype == np.float32 and power1.shape == (cfg.n_mels, 301)
+        assert mel1.dtype == np.float16 and mel1.shape == (cfg.n_mels, 301)
+        assert power1.tobytes() == power2.tobytes() and mel1.tobytes() == mel2.tobytes()

@@ -381,12 +381,25 @@ def mel_params(cfg: AudioConfig, sr: int) -> dict:
             "scale": "10*log10(max(power, 1e-10)) dB", "dtype": "float16", "layout": "[n_mels, frames]"}
 
 
+def mel_power(samples: np.ndarray, sr: int, cfg: AudioConfig) -> np.ndarray:
+    """Mel power spectrogram ``float32 [n_mels, frames]`` of the (downmixed) clip (librosa's
+    ``melspectrogram`` with :func:`mel_params`), with the same bits on any number of BLAS threads."""
+    import librosa
+
+    y = downmix(np.asarray(samples, dtype=np.float32))
+    spec = np.abs(librosa.stft(y, n_fft=cfg.n_fft, hop_length=cfg.hop_length, window="hann", center=True,
+                               pad_mode="constant")) ** 2
+    basis = librosa.filters.mel(sr=sr, n_fft=cfg.n_fft, n_mels=cfg.n_mels, fmin=cfg.fmin, fmax=cfg.fmax)
+    # librosa.feature.melspectrogram's projection, done without BLAS: the last bits of a BLAS product
+    # depend on how many threads it runs on (different in a worker process, a Dask worker or a process
+    # that other libraries set up), and a float16 log-mel value on a rounding edge then differs by one
+    # step between two builds. numpy's einsum without `optimize` sums in one fixed order.
+    return np.einsum("mf,ft->mt", basis, spec, optimize=False)
+
+
 def log_mel(samples: np.ndarray, sr: int, cfg: AudioConfig) -> np.ndarray:
     """Log-mel spectrogram ``float16 [n_mels, frames]`` of the (downmixed) clip; see :func:`mel_params`."""
     import librosa
 
-    y = downmix(np.asarray(samples, dtype=np.float32))
-    power = librosa.feature.melspectrogram(
-        y=y, sr=sr, n_fft=cfg.n_fft, hop_length=cfg.hop_length, n_mels=cfg.n_mels,
-        fmin=cfg.fmin, fmax=cfg.fmax, power=2.0, center=True)
+    power = mel_power(samples, sr, cfg)
     return librosa.power_to_db(power, ref=1.0, amin=1e-10, top_db=None).astype(np.float16)
