@@ -223,7 +223,9 @@ def row(name: str, r: dict, budget: float) -> None:
     print(f"  {name:<10} {str(r['index_key']):<34} {str(r['params'] or '-'):<24} {r['size_bytes'] / 2**20:9.1f}"
           f" {r['build_seconds']:9.1f} {r['recall']:9.4f} {r['ms_per_query']:7.3f} {r.get('cpu_seconds', 0):8.1f}",
           flush=True)
-    if "infos" in r:
+    if "infos" not in r:  # the peer: does its index keep to the same budget?
+        print(f"  {'':<10} size / budget {r['size_bytes'] / (budget * GiB):.2f}", flush=True)
+    else:
         i = r["infos"]
         print(f"  {'':<10} split: choose {i.get('choose_seconds', 0):.1f} s / train {i['train_seconds']:.1f} s / add "
               f"{i['add_seconds']:.1f} s / tune {i['tune_seconds']:.1f} s; own leave-one-out recall@10 "
