@@ -6,6 +6,7 @@ worker count or engine still recognises its committed shards.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 from typing import Any, Literal, Optional
@@ -208,30 +209,13 @@ class BuildConfig(BaseModel):
     @classmethod
     def _resolve_codec(cls, value: str) -> str:
         """``auto`` resolves here, on the machine that plans the build: the hash names the codec used."""
-        if value == "pillow":
-            return value
-        try:
-            import simplejpeg  # noqa: F401
-        except ImportError:
-            if value == "auto":
-                return "pillow"
-            raise ValueError("jpeg_codec simplejpeg needs the package simplejpeg (pip install 'mmdata[fast]')") from None
-        return "simplejpeg"
+        return _resolve_fast(value, "simplejpeg", "jpeg_codec", "simplejpeg", "simplejpeg")
 
     @field_validator("resize_backend")
     @classmethod
     def _resolve_resize(cls, value: str) -> str:
         """``auto`` resolves here, like ``jpeg_codec``: the hash names the resize library used."""
-        if value == "pillow":
-            return value
-        try:
-            import cv2  # noqa: F401
-        except ImportError:
-            if value == "auto":
-                return "pillow"
-            raise ValueError("resize_backend opencv needs the package opencv-python-headless "
-                             "(pip install 'mmdata[fast]')") from None
-        return "opencv"
+        return _resolve_fast(value, "cv2", "resize_backend", "opencv", "opencv-python-headless")
 
     @model_validator(mode="after")
     def _check_views(self) -> "BuildConfig":
@@ -330,3 +314,17 @@ def load_config(path: Optional[str] = None, **overrides: Any) -> BuildConfig:
         return BuildConfig(**values)
     except ValidationError as exc:
         raise UserError(f"bad config: {_describe(exc)}") from None
+
+
+def _resolve_fast(value: str, module: str, field: str, fast: str, package: str) -> str:
+    """``pillow`` stays; ``auto`` becomes ``fast`` when ``module`` imports here, else ``pillow``; ``fast``
+    itself needs the module (one line naming the package otherwise)."""
+    if value == "pillow":
+        return value
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        if value == "auto":
+            return "pillow"
+        raise ValueError(f"{field} {fast} needs the package {package} (pip install 'mmdata[fast]')") from None
+    return fast

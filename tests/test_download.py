@@ -2,6 +2,7 @@
 wrong ends as that record's row with a reason the user can act on; the build still exits 0 and
 ``inputs = written + filtered + failed``. A real HTTP server on 127.0.0.1 (a free port, threads,
 stopped by the tests and by itself after a while) injects the faults."""
+import contextlib
 import csv
 import glob
 import hashlib
@@ -120,22 +121,34 @@ class Handler(BaseHTTPRequestHandler):
             self.send(404, b"?", ctype="text/plain")
 
 
-@pytest.fixture(scope="module")
-def server():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+@contextlib.contextmanager
+def serving(handler, **state):
+    """A threaded HTTP server on 127.0.0.1 (free port) with ``handler``, shut down by itself after
+    SERVER_LIFETIME_S; ``state`` adds attributes the handler keeps its logs in."""
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     srv.daemon_threads = True
     srv.handle_error = lambda request, address: None  # a client that hangs up is no error here
     srv.log, srv.lock, srv.down = [], threading.Lock(), False
+    for name, value in state.items():
+        setattr(srv, name, value)
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
     thread.start()
     stopper = threading.Timer(SERVER_LIFETIME_S, srv.shutdown)
     stopper.daemon = True
     stopper.start()
     srv.base = f"http://127.0.0.1:{srv.server_address[1]}"
-    yield srv
-    stopper.cancel()
-    srv.shutdown()
-    srv.server_close()
+    try:
+        yield srv
+    finally:
+        stopper.cancel()
+        srv.shutdown()
+        srv.server_close()
+
+
+@pytest.fixture(scope="module")
+def server():
+    with serving(Handler) as srv:
+        yield srv
 
 
 def closed_port() -> int:

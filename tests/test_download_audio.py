@@ -5,15 +5,13 @@ local server on 127.0.0.1."""
 import csv
 import io
 import tarfile
-import threading
-from http.server import ThreadingHTTPServer
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 from conftest import run_build
-from test_download import FAST, Handler
+from test_download import FAST, Handler, serving
 
 from mmdata.sources.manifest import read_manifest, read_manifest_batches
 
@@ -54,20 +52,8 @@ class AudioHandler(Handler):
 
 @pytest.fixture()
 def server():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), AudioHandler)
-    srv.daemon_threads = True
-    srv.handle_error = lambda request, address: None
-    srv.log, srv.audio_log, srv.lock, srv.down = [], [], threading.Lock(), False
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-    thread.start()
-    stopper = threading.Timer(120, srv.shutdown)
-    stopper.daemon = True
-    stopper.start()
-    srv.base = f"http://127.0.0.1:{srv.server_address[1]}"
-    yield srv
-    stopper.cancel()
-    srv.shutdown()
-    srv.server_close()
+    with serving(AudioHandler, audio_log=[]) as srv:
+        yield srv
 
 
 def write_manifest(path, rows):

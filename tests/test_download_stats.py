@@ -7,12 +7,10 @@ import os
 import pathlib
 import subprocess
 import sys
-import threading
-from http.server import ThreadingHTTPServer
 
 import pytest
 from conftest import run_build
-from test_download import FAST, Handler, jpeg, manifest
+from test_download import FAST, Handler, serving, jpeg, manifest
 
 
 class Counting(Handler):
@@ -26,20 +24,8 @@ class Counting(Handler):
 
 @pytest.fixture()
 def server():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Counting)
-    srv.daemon_threads = True
-    srv.handle_error = lambda request, address: None
-    srv.log, srv.served, srv.lock, srv.down = [], [], threading.Lock(), False
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-    thread.start()
-    stopper = threading.Timer(120, srv.shutdown)
-    stopper.daemon = True
-    stopper.start()
-    srv.base = f"http://127.0.0.1:{srv.server_address[1]}"
-    yield srv
-    stopper.cancel()
-    srv.shutdown()
-    srv.server_close()
+    with serving(Counting, served=[]) as srv:
+        yield srv
 
 
 def test_download_statistics_match_what_the_server_saw(server, tmp_path):
