@@ -27,14 +27,14 @@ from mmdata.storage import OutputDir  # noqa: E402
 def main() -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="ViT-B-32")
-    parser.add_argument("--n", type=int, default=120, help="images (multiple of 20)")
+    parser.add_argument("--n", type=int, default=120, help="images (the scikit-image photos, cycled)")
     parser.add_argument("--batch", type=int, default=32)
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="mmdata-bench-embed-")
     try:
         root = os.path.join(tmp, "corpus")
         os.makedirs(root)
-        make_photos(root, max(1, args.n // 20))
+        make_photos(root, max(1, args.n))  # make_photos takes the number of images
         cfg = load_config(input=root, out=os.path.join(tmp, "out"), workers=1, samples_per_shard=10**6, progress=False,
                           model=args.model, pretrained="random", embed=["image"], embed_batch_size=args.batch, index=False,
                           torch_threads=torch.get_num_threads())  # the unit fixes it: the forward alone uses the same

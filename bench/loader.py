@@ -24,13 +24,13 @@ import numpy as np
 def build_corpus(tmp: str, copies: int) -> str:
     """The scikit-image photos × ``copies`` at 1024 px, built to 256 px shards with tiny-CLIP
     embeddings, tokens and a FAISS index."""
-    from bench.shard_stage import make_photos
+    from bench.shard_stage import PHOTOS, make_photos
     from mmdata.build import build
     from mmdata.config import load_config
 
     root = os.path.join(tmp, "corpus")
     os.makedirs(root)
-    make_photos(root, copies)
+    make_photos(root, copies * len(PHOTOS))  # make_photos takes the number of images
     out = os.path.join(tmp, "out")
     build(load_config(input=root, out=out, workers=2, image_size=256, samples_per_shard=100, tokenize=True,
                       model="mmdata-tiny", pretrained="random", embed_batch_size=64, progress=False))
@@ -118,7 +118,7 @@ def large_index_cost(n: int, dim: int, batch_size: int, k: int, batches: int = 2
 
 def main() -> dict:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--copies", type=int, default=20, help="photos × copies samples (20 photos)")
+    parser.add_argument("--copies", type=int, default=20, help="the scikit-image photos × copies samples")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=3)
