@@ -12,7 +12,7 @@ from test_plan_scale import png, tricky_rows, write
 
 from mmdata.config import load_config
 from mmdata.errors import UserError
-from mmdata.pipeline import plan
+from mmdata.pipeline import plan, plan_sort
 from mmdata.storage import OutputDir
 
 
@@ -124,7 +124,7 @@ def test_one_name_repeated_many_times_plans_the_same_bytes(tmp_path, monkeypatch
 
 
 def test_the_sample_is_the_same_however_the_input_is_batched(monkeypatch):
-    monkeypatch.setattr(plan, "SAMPLE_ROWS", 50)
+    monkeypatch.setattr(plan_sort, "SAMPLE_ROWS", 50)
     keys = pa.array([f"k{(i * 7919) % 1000:04d}" for i in range(1000)])
     splitters = []
     for step in (1000, 97, 10):
