@@ -33,8 +33,11 @@ def test_download_statistics_match_what_the_server_saw(server, tmp_path):
     urls = {f"ok{i}": f"{b}/img/ok{i}.jpg" for i in range(7)}
     urls.update({"hops": f"{b}/redirect/2/r.jpg", "missing": f"{b}/status/404/a.jpg",
                  "busy": f"{b}/status/503/a.jpg", "optout": f"{b}/optout/noai/o.jpg", "html": f"{b}/html/h.jpg"})
+    # no URL here is slow: generous timeouts, so a loaded machine (CI) cannot turn an answer into a
+    # timeout and its retry (CI once saw 18 requests for 15)
     m = run_build(manifest(tmp_path, urls), tmp_path / "out", key_col="key", image_col="url",
-                  **{**FAST, "samples_per_shard": 4})
+                  **{**FAST, "samples_per_shard": 4, "connect_timeout": 30.0, "read_timeout": 30.0,
+                     "download_timeout": 60.0})
     d = m["downloads"]
     # the server's view: every request it received, and the bodies the client read (answers it took)
     assert d["requests"] == len(server.log) == len(server.served)
