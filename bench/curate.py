@@ -13,7 +13,9 @@ Then the driver's memory of a whole ``mmdata curate`` at two sizes (default 10,0
 perceptual and exact duplicates abound) and captions, curated with 2 workers in a fresh process that
 prints its own peak RSS (VmHWM: the driver, with the tasks that run in it when a stage has one
 task) and its largest worker's (RUSAGE_CHILDREN). Prints the ratio of the two peaks against the
-ratio of the sizes (flat: 1) and the bytes per added row.
+ratio of the sizes (flat: 1) and the bytes per added row. And the write task of the curated shard
+that spans the most input rows (with 95 % exact duplicates, about 20 per kept sample), re-run alone
+from its plan in a fresh process: its peak RSS (VmHWM) and bytes per spanned row.
 """
 from __future__ import annotations
 
@@ -89,6 +91,53 @@ if __name__ == "__main__":
 """
 
 
+WRITE_TASK = """
+import json, sys
+from mmdata.curate.write import WriteTask, run_write_task
+run_write_task(WriteTask(*sys.argv[1:5], json.loads(sys.argv[5]), sys.argv[6]))
+print(next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:")))
+"""
+
+
+def write_task_memory(build: str, curated: str, env: dict) -> tuple[int, int, int, int]:
+    """The write task of the curated shard that spans the most input rows, re-run alone from its plan
+    (recovered from the curated table: input shard and row of each key) in a fresh process, and again
+    over the plan's first 50 rows: (rows spanned, kept, peak RSS, peak RSS of the 50-row task)."""
+    import glob
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mmdata.curate.write import PLAN_SCHEMA
+
+    located = {}
+    for path in sorted(glob.glob(f"{build}/shards/*.parquet")):
+        name = os.path.basename(path)[: -len(".parquet")]
+        located.update((k, (name, i)) for i, k in enumerate(pq.read_table(path, columns=["key"]).column("key").to_pylist()))
+    sizes = {p: pq.read_metadata(p).num_rows for p in glob.glob(f"{curated}/shards/*.parquet")}
+    table = pq.read_table(max(sizes, key=sizes.get))
+    with open(f"{curated}/manifest.json") as fh:
+        manifest = json.load(fh)
+    peaks = []
+    for rows in (table, table.slice(0, 50)):
+        out = f"{curated}_write_{rows.num_rows}"
+        keys = rows.column("key").to_pylist()
+        plan = {"in_shard": [located[k][0] for k in keys], "in_pos": [located[k][1] for k in keys]}
+        plan.update({f.name: rows.column(f.name) for f in PLAN_SCHEMA if f.name not in plan})
+        os.makedirs(f"{out}/scratch/units", exist_ok=True)
+        pq.write_table(pa.table(plan, schema=PLAN_SCHEMA), f"{out}/scratch/units/00000.parquet")
+        proc = subprocess.run([sys.executable, "-c", WRITE_TASK, build, out, "scratch", "00000",
+                               json.dumps(list((manifest.get("embeddings") or {}).get("modalities") or [])),
+                               manifest["curate"]["config_hash"]], check=False, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"write task failed: {proc.stderr[-2000:]}")
+        peaks.append(int(proc.stdout.split()[-1]))
+        shutil.rmtree(out, ignore_errors=True)
+    written = sum(s == "written" for s in table.column("status").to_pylist())
+    return table.num_rows, written, peaks[0], peaks[1]
+
+
 def image_manifest(root: str, n: int) -> str:
     """A manifest of ``n`` rows over 5,000 tiny PNGs (500 patterns with one pixel changed) and captions."""
     import pyarrow as pa
@@ -127,6 +176,10 @@ def driver_memory(root: str, sizes: list[int]) -> None:
         peaks.append(peak)
         print(f"curate {int(rows):,} rows ({int(written):,} kept): {wall:.1f} s, driver peak RSS {peak / 2**20:.0f} MiB, "
               f"largest worker {worker / 2**20:.0f} MiB; {peak / LIMIT:.3f} x the 2 GiB limit")
+        spanned, kept, task, small = write_task_memory(f"{folder}/build", f"{folder}/curated", env)
+        print(f"  write task of its largest shard ({kept:,} kept, {spanned:,} input rows spanned): peak RSS "
+              f"{task / 2**20:.0f} MiB, {(task - small) / max(1, spanned - 50):,.0f} bytes per spanned row over "
+              f"the same task on 50 rows ({small / 2**20:.0f} MiB)")
         shutil.rmtree(folder, ignore_errors=True)
     if len(sizes) == 2:
         print(f"driver peak grows {peaks[1] / peaks[0]:.2f}x for {sizes[1] / sizes[0]:.0f}x the rows (flat: 1.00); "
