@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -93,7 +94,7 @@ def test_killed_curate_resumes_to_the_same_bytes(build, reference, tmp_path, poi
     out = str(tmp_path / "c")
     run_and_kill(build, out, point)
     stage, _, n = point.partition(":")
-    marks = sorted(glob.glob(f"{out}/.mmdata-curate/done/{stage}_*.json"))
+    marks = sorted(glob.glob(f"{out}/.mmdata-curate/**/done/{stage}_*.json", recursive=True))
     assert len(marks) == int(n)
     assert not os.path.exists(f"{out}/shards/sizes.json")  # not finished
     if stage == "write":
@@ -111,6 +112,29 @@ def test_killed_curate_resumes_to_the_same_bytes(build, reference, tmp_path, poi
     assert files(out) == files(reference)
     assert not os.path.exists(f"{out}/.mmdata-curate")
     assert verify_output(out) == []
+
+
+def test_killed_between_exact_dedup_bucket_tasks_resumes_to_the_same_bytes(build, reference, tmp_path, monkeypatch):
+    """The build's 12 rows cut into 12 exact-dedup buckets (the reference has one: the result does not
+    depend on them), killed after the first image bucket task, the image copy's bucket still to do;
+    the re-run does the rest."""
+    monkeypatch.setenv("MMDATA_TEST_CURATE_BUCKET_ROWS", "1")  # the killed run and the re-run
+    out = str(tmp_path / "c")
+    run_and_kill(build, out, "exact_image:1")
+    done = f"{out}/.mmdata-curate/exact/done"
+    assert [len(glob.glob(f"{done}/exact_{m}_*.json")) for m in ("image", "text", "audio")] == [1, 0, 0]
+    digests = np.concatenate([np.load(p) for p in sorted(glob.glob(f"{out}/.mmdata-curate/exact/image/*.npy"))])
+    _, first, count = np.unique(digests[:, 2:], axis=0, return_index=True, return_counts=True)
+    dup_buckets = {int(digests[i, 0]) for i in first[count > 1]}
+    assert len(dup_buckets) == 1  # z_copy and the photo it copies
+    assert not os.path.exists(f"{done}/exact_image_{min(dup_buckets):05d}.json")  # found by the re-run
+    r = rerun(build, out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert files(out) == files(reference)
+    assert not os.path.exists(f"{out}/.mmdata-curate")
+    cli = subprocess.run([sys.executable, "-m", "mmdata", "verify", out], check=False, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1"), timeout=300)
+    assert cli.returncode == 0, cli.stdout + cli.stderr
 
 
 def test_other_config_with_overwrite_starts_over(build, reference, tmp_path):
