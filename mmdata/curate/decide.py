@@ -4,6 +4,10 @@ exact, perceptual, semantic per modality (``duplicate:<method>:<kept key>``).
 
 A duplicate's kept key is resolved to the sample that stays in the curated build: when the sample
 kept for it is removed by a later method, the ledger names the one kept for that, and so on.
+
+The state lives on disk, one part per input shard (``mmdata.curate.parts``), and every step is a
+round of engine tasks over the shards (or over hash buckets and clusters). The driver holds per-shard
+counts and offsets and a few fixed-size aggregates (the CLIP-score histograms), never a per-sample array.
 """
 from __future__ import annotations
 
@@ -12,177 +16,246 @@ import math
 import numpy as np
 
 from mmdata.curate.config import CurateConfig
-from mmdata.curate.inputs import InputBuild
+from mmdata.curate.parts import HIST_BITS, ShardTask, needs_merge, rank_groups, run_shard_task
+from mmdata.curate.vectors import load_npy, save_npy
+from mmdata.errors import UserError
 
 SCORE_COLUMNS = ("clip_score", "language", "language_score", "words", "tokens", "speech_ratio", "loudness", "clipping",
                  "phash", "duplicate_of", "duplicate_score", "decontaminate_cosine")
 
 
-class Decisions:
-    def __init__(self, build: InputBuild):
-        n = len(build)
-        self.build = build
-        self.status = build.status.copy()
-        self.reason = build.column("reason")
-        self.kept_for = np.full(n, -1, dtype=np.int64)
-        self.method: dict[int, str] = {}
-        self.scores: dict[str, list] = {c: [None] * n for c in SCORE_COLUMNS}
+class Driver:
+    """The per-shard bookkeeping of one curation: names, offsets, kept counts; runs the steps."""
 
-    def alive(self) -> np.ndarray:
-        return np.flatnonzero(self.status == "written")
+    def __init__(self, build, out, folder: str, engine):
+        self.build, self.out, self.folder, self.engine = build, out, folder, engine
+        self.shards = build.shards
+        self.offsets = np.zeros(len(self.shards) + 1, dtype=np.int64)
+        self.written = [0] * len(self.shards)
+        self.scans: list[dict] = []
+        self.groups: list[list[int]] = []
 
-    def dedup_candidates(self) -> np.ndarray:
-        """Alive samples that take part in deduplication: not augmented views (made from their
-        original on purpose)."""
-        views = self.build.column("view_of")
-        return np.asarray([p for p in self.alive() if views[p] is None], dtype=np.int64)
+    @property
+    def rows(self) -> int:
+        return int(self.offsets[-1])
 
-    def remove(self, positions, reason: str | list[str], status: str = "filtered") -> None:
-        reasons = [reason] * len(positions) if isinstance(reason, str) else reason
-        for p, r in zip(positions, reasons):
-            self.status[p], self.reason[p] = status, r
+    def tasks(self, step: str, args: dict | None = None, per_shard: list[dict] | None = None,
+              only: list[int] | None = None) -> list[dict]:
+        idx = list(range(len(self.shards))) if only is None else only
+        items = [ShardTask(self.build.url, self.out.url, self.folder, self.shards[i], i, int(self.offsets[i]), step,
+                           {**(args or {}), **(per_shard[i] if per_shard else {})}) for i in idx]
+        return self.engine.map_tasks(run_shard_task, items, name=f"curate-{step}") if items else []
 
-    def duplicates(self, method: str, dup: np.ndarray, kept: np.ndarray, score: np.ndarray) -> None:
-        for d, k, s in zip(dup.tolist(), kept.tolist(), score.tolist()):
-            self.status[d] = "filtered"
-            self.kept_for[d] = k
-            self.method[d] = method
-            self.scores["duplicate_score"][d] = float(np.float32(s))
+    def scan(self) -> None:
+        self.scans = self.tasks("scan")
+        self.offsets[1:] = np.cumsum([s["rows"] for s in self.scans])
+        save_npy(self.out, f"{self.folder}/offsets.npy", self.offsets)
+        self.groups = rank_groups(self.scans)
+        merge = [g for g in self.groups if needs_merge(g, self.scans)]
+        items = [ShardTask(self.build.url, self.out.url, self.folder, self.shards[g[0]], g[0], int(self.offsets[g[0]]),
+                           "rank", {"shards": [self.shards[i] for i in g], "base": int(self.offsets[g[0]])}) for g in merge]
+        if items:
+            self.engine.map_tasks(run_shard_task, items, name="curate-rank")
+        self.ranked = {i for g in merge for i in g}
 
-    def resolve(self) -> None:
-        """Name, for every duplicate, the sample that stays in the curated build."""
-        keys = self.build.keys
-        for d, method in sorted(self.method.items()):
-            k = int(self.kept_for[d])
-            seen = 0
-            while self.status[k] != "written" and self.kept_for[k] >= 0 and seen < len(keys):
-                k, seen = int(self.kept_for[k]), seen + 1
-            self.reason[d] = f"duplicate:{method}:{keys[k]}"
-            self.scores["duplicate_of"][d] = keys[k]
+    def count(self, results: list[dict]) -> None:
+        for i, r in enumerate(results):
+            self.written[i] = r["written"]
 
 
-def set_measures(dec: Decisions, feats: dict[str, np.ndarray | list]) -> None:
-    for name in ("language", "language_score", "words", "tokens", "speech_ratio", "loudness", "clipping"):
-        dec.scores[name] = list(feats[name])
-    dec.scores["phash"] = [None if v is None else f"{v & (2**64 - 1):016x}" for v in feats["phash"]]
-    errors = [p for p in dec.alive() if feats["error"][p]]
-    dec.remove(errors, [f"curate:{feats['error'][p].split(':')[0]}" for p in errors], status="failed")
+def decide_all(d: Driver, cfg: CurateConfig, parallelism: int) -> None:
+    build = d.build
+    clip = "image" in build.modalities and "text" in build.modalities
+    top = clip and cfg.clip_top_fraction is not None
+    results = d.tasks("init", {"clip": clip, "clip_min": cfg.clip_min, "top": top},
+                      per_shard=[{"ranked": i in d.ranked} for i in range(len(d.shards))])
+    cut = _top_cut(d, cfg.clip_top_fraction, sum(r["scored"] for r in results)) if top else None
+    decont = _decontamination(build, cfg) if cfg.exclude_near else None
+    results = d.tasks("filter", {"cfg": cfg.content_dict(), "cut": cut, "decontaminate": decont})
+    if decont:
+        n = [r["searched"] for r in results]
+        base = np.concatenate([[0], np.cumsum(n)]).tolist()
+        results = d.tasks("decontaminate", {"decontaminate": decont, "n": int(sum(n))},
+                          per_shard=[{"base": int(b)} for b in base[:-1]])
+    d.count(results)
+    exact(d, cfg)
+    if cfg.phash_max_distance is not None:
+        perceptual(d, cfg.phash_max_distance)
+    for modality in cfg.semantic:
+        semantic(d, cfg, modality, parallelism)
+    d.tasks("next")
+    d.tasks("resolve", {"shards": d.shards})
 
 
-def _threshold(dec: Decisions, values: list, name: str, low, high) -> None:
-    """filter:<name> for alive samples whose value lies outside [low, high] (no value: not filtered)."""
-    out = [p for p in dec.alive() if values[p] is not None and not (math.isnan(values[p]) if isinstance(values[p], float) else False)
-           and ((low is not None and values[p] < low) or (high is not None and values[p] > high))]
-    dec.remove(out, f"filter:{name}")
+def _hist(out, rels: list[str], bins: int) -> np.ndarray:
+    total = np.zeros(bins, dtype=np.int64)
+    for rel in rels:
+        v, c = load_npy(out, rel)
+        np.add.at(total, v, c)
+    return total
 
 
-def clip_filter(dec: Decisions, cfg: CurateConfig) -> None:
-    if "image" not in dec.build.modalities or "text" not in dec.build.modalities:
-        return
-    alive = dec.alive()
-    img, pos_i = dec.build.vectors("image", alive)
-    txt, pos_t = dec.build.vectors("text", alive)
-    both = np.intersect1d(pos_i, pos_t)
-    if len(both):
-        a = img.take(np.searchsorted(pos_i, both))
-        b = txt.take(np.searchsorted(pos_t, both))
-        for p, s in zip(both.tolist(), np.einsum("ij,ij->i", a, b).tolist()):
-            dec.scores["clip_score"][p] = float(np.float32(s))  # as the float32 column stores it
-    if cfg.clip_min is not None:
-        _threshold(dec, dec.scores["clip_score"], "clip_score", cfg.clip_min, None)
-    if cfg.clip_top_fraction is not None:
-        scored = [p for p in dec.alive() if dec.scores["clip_score"][p] is not None]
-        ranked = sorted(scored, key=lambda p: (-dec.scores["clip_score"][p], dec.build.rank[p]))
-        dec.remove(ranked[math.ceil(cfg.clip_top_fraction * len(ranked)):], "filter:clip_top_fraction")
+def _top_cut(d: Driver, fraction: float, scored: int) -> dict | None:
+    """The cut of ``clip_top_fraction`` with the rule of one global sort (higher score first, then key
+    order), found from histograms: the high bits of the kept-last score, its low bits, then among the
+    samples with exactly that score the rank of the last one kept. None: all kept."""
+    keep = math.ceil(fraction * scored)
+    if keep >= scored:
+        return None
+    bins = 1 << HIST_BITS
+    h1 = _hist(d.out, [f"{d.folder}/clip/h1/{s}.npy" for s in d.shards if d.out.exists(f"{d.folder}/clip/h1/{s}.npy")], bins)
+    above = np.cumsum(h1[::-1])[::-1]  # samples with a high part >= b
+    high = int(np.flatnonzero(above >= keep)[-1])
+    before = int(above[high] - h1[high])  # samples above the high bin
+    d.tasks("clip", {"pass": "h2", "high": high})
+    h2 = _hist(d.out, [f"{d.folder}/clip/h2/{s}.npy" for s in d.shards], bins)
+    above2 = before + np.cumsum(h2[::-1])[::-1]
+    low = int(np.flatnonzero(above2 >= keep)[-1])
+    key = (high << HIST_BITS) | low
+    greater = int(above2[low] - h2[low])
+    ties = keep - greater  # samples of score ``key`` kept, in key order
+    if ties >= h2[low]:
+        return {"key": key, "rank": np.iinfo(np.int64).max}
+    shift = max(0, d.rows.bit_length() - HIST_BITS)
+    d.tasks("clip", {"pass": "h3", "cut": key, "shift": shift})
+    h3 = _hist(d.out, [f"{d.folder}/clip/h3/{s}.npy" for s in d.shards], (d.rows >> shift) + 1)
+    upto = np.cumsum(h3)
+    b = int(np.flatnonzero(upto >= ties)[0])
+    ranks = sorted(r for res in d.tasks("clip", {"pass": "ranks", "cut": key, "shift": shift, "bin": b}) for r in res["ranks"])
+    return {"key": key, "rank": int(ranks[ties - int(upto[b] - h3[b]) - 1])}
 
 
-def filters(dec: Decisions, cfg: CurateConfig) -> None:
-    if cfg.clip_min is not None or cfg.clip_top_fraction is not None or dec.build.modalities:
-        clip_filter(dec, cfg)
-    if cfg.languages is not None:
-        keep = set(cfg.languages)
-        lang, score = dec.scores["language"], dec.scores["language_score"]
-        dec.remove([p for p in dec.alive() if lang[p] is not None
-                    and (lang[p] not in keep or score[p] < cfg.language_min_score)], "filter:language")
-    _threshold(dec, dec.scores["words"], "words", cfg.min_words, cfg.max_words)
-    _threshold(dec, dec.scores["tokens"], "tokens", cfg.min_tokens, cfg.max_tokens)
-    _threshold(dec, dec.scores["loudness"], "loudness", cfg.min_loudness, cfg.max_loudness)
-    _threshold(dec, dec.scores["clipping"], "clipping", None, cfg.max_clipping)
-    _threshold(dec, dec.scores["speech_ratio"], "speech_ratio", cfg.min_speech_ratio, cfg.max_speech_ratio)
+def _decontamination(build, cfg: CurateConfig) -> dict:
+    from mmdata.curate.inputs import InputBuild
 
-
-def exact(dec: Decisions, cfg: CurateConfig, *, out, folder: str, buckets: int, engine=None) -> None:
-    """Identical source bytes (image_sha256, audio_sha256) or normalised caption: the first key stays.
-    Grouped by hash bucket in engine tasks (``mmdata.curate.exact``) from the digests the measure
-    tasks wrote; one round per modality, over the samples still kept."""
-    from mmdata.curate.exact import exact_round
-    from mmdata.curate.vectors import save_npy
-
-    offsets = np.concatenate([[0], np.cumsum(np.bincount(dec.build.shard, minlength=len(dec.build.shards)))])
-    save_npy(out, f"{folder}/offsets.npy", offsets.astype(np.int64))
-    for modality in ("image", "text", "audio"):
-        if modality not in cfg.exact:
-            continue
-        rank = np.full(len(dec.build), -1, dtype=np.int64)
-        candidates = dec.dedup_candidates()
-        rank[candidates] = dec.build.rank[candidates]
-        dup, kept = exact_round(out, folder, modality, rank, dec.build.shards, buckets, engine)
-        del rank
-        dec.duplicates(f"exact_{modality}", dup, kept, np.ones(len(dup)))
-
-
-def perceptual(dec: Decisions, feats: dict, max_distance: int, *, out=None, folder: str = "phash", engine=None) -> None:
-    """Images within Hamming distance ≤ ``max_distance`` of a better-ranked image (more source pixels,
-    then key order) are duplicates of the nearest such image (ties: the better-ranked). Searched by
-    multi-index hashing in engine tasks (``mmdata.curate.phash``), not all pairs."""
-    from mmdata.curate.phash import near_duplicates
-
-    alive = [p for p in dec.dedup_candidates() if feats["phash"][p] is not None]
-    if len(alive) < 2:
-        return
-    w, h = dec.build.column("orig_width"), dec.build.column("orig_height")
-    alive.sort(key=lambda p: (-((w[p] or 0) * (h[p] or 0)), dec.build.rank[p]))
-    alive = np.asarray(alive, dtype=np.int64)
-    codes = np.asarray([feats["phash"][p] for p in alive], dtype=np.int64)
-    if out is None:
-        import tempfile
-
-        from mmdata.storage import OutputDir
-
-        with tempfile.TemporaryDirectory() as tmp:
-            dup, kept, dist, _ = near_duplicates(codes, max_distance, out=OutputDir(tmp), folder=folder)
-    else:
-        dup, kept, dist, _ = near_duplicates(codes, max_distance, out=out, folder=folder, engine=engine)
-    dec.duplicates("phash", alive[dup], alive[kept], 1.0 - dist / 64.0)
-
-
-def decontaminate(dec: Decisions, cfg: CurateConfig, eval_build: InputBuild) -> None:
-    """Remove samples with cosine ≥ ``exclude_min_cosine`` to any sample of ``eval_build``."""
-    import faiss
-
-    from mmdata.errors import UserError
-
-    common = [m for m in ("image", "text", "audio", "fused") if m in dec.build.modalities and m in eval_build.modalities]
+    eval_build = InputBuild(cfg.exclude_near if "://" in cfg.exclude_near else __import__("os").path.abspath(cfg.exclude_near))
+    common = [m for m in ("image", "text", "audio", "fused") if m in build.modalities and m in eval_build.modalities]
     modality = cfg.exclude_modality or (common[0] if common else None)
     if modality is None or modality not in common:
         raise UserError(f"--exclude-near: the two builds share no {modality or ''} embeddings "
-                        f"({', '.join(dec.build.modalities) or 'none'} vs {', '.join(eval_build.modalities) or 'none'})")
-    ev, ev_pos = eval_build.vectors(modality, np.flatnonzero(eval_build.written))
-    vs, pos = dec.build.vectors(modality, dec.alive())
-    if not len(ev) or not len(vs):
-        return
-    if ev.dim() != vs.dim():
-        raise UserError(f"--exclude-near: {modality} embeddings differ in dimension ({vs.dim()} vs {ev.dim()}): "
+                        f"({', '.join(build.modalities) or 'none'} vs {', '.join(eval_build.modalities) or 'none'})")
+    ours, theirs = build.dim(modality), eval_build.dim(modality)
+    if ours is not None and theirs is not None and ours != theirs:
+        raise UserError(f"--exclude-near: {modality} embeddings differ in dimension ({ours} vs {theirs}): "
                         "the two builds used different models")
-    index = faiss.IndexFlatIP(ev.dim())
-    for _, x in ev.chunks():
-        index.add(np.ascontiguousarray(x))
-    out, reasons = [], []
-    for idx, x in vs.chunks():
-        sims, nn = index.search(np.ascontiguousarray(x), 1)
-        for p, s, i in zip(pos[idx].tolist(), sims[:, 0].tolist(), nn[:, 0].tolist()):
-            dec.scores["decontaminate_cosine"][p] = float(np.float32(s))
-            if s >= cfg.exclude_min_cosine:
-                out.append(p)
-                reasons.append(f"decontaminate:{eval_build.keys[int(ev_pos[i])]}")
-    dec.remove(out, reasons)
+    return {"url": eval_build.url, "modality": modality, "min_cosine": cfg.exclude_min_cosine}
+
+
+def _apply(d: Driver, method: str, files: list[str]) -> None:
+    d.count(d.tasks("apply", {"method": method, "files": files}))
+
+
+def exact(d: Driver, cfg: CurateConfig) -> None:
+    """Identical source bytes (image_sha256, audio_sha256) or normalised caption: the first key stays.
+    Grouped by hash bucket in engine tasks (``mmdata.curate.exact``) from the digests the measure
+    tasks wrote; one round per modality, over the samples still kept."""
+    from mmdata.curate.exact import exact_tasks, n_buckets
+
+    folder = f"{d.folder}/exact"
+    save_npy(d.out, f"{folder}/offsets.npy", d.offsets)
+    for modality in ("image", "text", "audio"):
+        if modality in cfg.exact:
+            files = exact_tasks(d.out, folder, modality, d.shards, n_buckets(d.rows), f"{d.folder}/cand", d.engine)
+            _apply(d, f"exact_{modality}", files)
+
+
+def perceptual(d: Driver, max_distance: int) -> None:
+    """Images within Hamming distance ≤ ``max_distance`` of a better-ranked image (more source pixels,
+    then key order) are duplicates of the nearest such image (ties: the better-ranked). Searched by
+    multi-index hashing in engine tasks (``mmdata.curate.phash``), not all pairs."""
+    from mmdata.curate.parts import read_part
+    from mmdata.curate.phash import near_duplicates
+
+    order, gpos, codes = [], [], []
+    for i, shard in enumerate(d.shards):
+        cand = load_npy(d.out, f"{d.folder}/cand/{shard}.npy")
+        part = read_part(d.out, d.folder, shard)
+        for p in np.flatnonzero(cand >= 0).tolist():
+            if part["phash_code"][p] is not None:
+                order.append((-int(part["pixels"][p]), int(part["rank"][p])))
+                gpos.append(int(d.offsets[i]) + p)
+                codes.append(part["phash_code"][p])
+    if len(codes) < 2:
+        return
+    o = sorted(range(len(codes)), key=lambda j: order[j])
+    gpos = np.asarray(gpos, dtype=np.int64)[o]
+    codes = np.asarray(codes, dtype=np.int64)[o]
+    dup, kept, dist, _ = near_duplicates(codes, max_distance, out=d.out, folder=f"{d.folder}/phash", engine=d.engine)
+    res = np.stack([gpos[dup], gpos[kept], (1.0 - dist / 64.0).astype(np.float64).view(np.int64)])
+    res = res[:, np.argsort(res[0], kind="stable")]
+    save_npy(d.out, f"{d.folder}/phash_result.npy", res)
+    _apply(d, "phash", [f"{d.folder}/phash_result.npy"])
+
+
+def semantic(d: Driver, cfg: CurateConfig, modality: str, parallelism: int) -> None:
+    """SemDeDup (``mmdata.curate.semantic``) over the candidates that have the modality."""
+    from mmdata.curate.markers import is_done
+    from mmdata.curate.semantic import (TASK_BYTES, PartsClusterTask, SemShardTask, VectorSet, default_clusters,
+                                        group_clusters, run_parts_cluster_task, run_sem_shard_task, train_centroids)
+
+    if any(m not in d.build.modalities for m in (["image", "text"] if modality == "pair" else [modality])):
+        raise UserError(f"{d.build.url} has no {'image/text' if modality == 'pair' else modality} embeddings "
+                        f"(it has: {', '.join(d.build.modalities) or 'none'})")
+    folder = f"{d.folder}/semantic_{modality}"
+
+    def shard_tasks(step: str, **kw) -> list:
+        items = [SemShardTask(d.build.url, d.out.url, folder, d.folder, s, int(d.offsets[i]), modality, step,
+                              **{k: v[i] if isinstance(v, list) else v for k, v in kw.items()})
+                 for i, s in enumerate(d.shards)]
+        return d.engine.map_tasks(run_sem_shard_task, items, name=f"semantic-{step}")
+
+    counts = [r["n"] for r in shard_tasks("cands")]
+    n = int(sum(counts))
+    if n < 2:
+        return
+    base = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    rng = np.random.default_rng(cfg.seed)
+    sample = np.sort(rng.choice(n, size=cfg.semantic_train_size, replace=False)) if n > cfg.semantic_train_size else np.arange(n)
+    mods = ["image", "text"] if modality == "pair" else [modality]
+    parts = [{"url": d.build.url, "rels": [f"embeddings/{m}/{s}.npy" for m in mods]} for s in d.shards]
+    where = np.searchsorted(base, sample, side="right") - 1
+    part, rows = [], []
+    for i in np.unique(where).tolist():
+        local = sample[where == i] - base[i]
+        rows.append(load_npy(d.out, f"{folder}/cands/{d.shards[i]}.npy")[1][local])
+        part.append(np.full(len(local), i, np.int64))
+    vectors = VectorSet(parts, np.concatenate(part), np.concatenate(rows))
+    centres = train_centroids(vectors, cfg.semantic_clusters or default_clusters(n), cfg.semantic_train_size, cfg.seed)
+    del vectors, part, rows, sample, where
+    save_npy(d.out, f"{folder}/centres.npy", centres)
+    shard_tasks("assign", base=base[:-1].tolist(), n=n)
+    sizes = np.zeros(len(centres), dtype=np.int64)
+    for s in d.shards:
+        sizes += load_npy(d.out, f"{folder}/sizes/{s}.npy")
+    n_tasks = max(4 * max(1, parallelism), math.ceil(n * centres.shape[1] * 4 / TASK_BYTES))
+    tasks = [PartsClusterTask(d.build.url, d.out.url, folder, t, g, 1.0 - cfg.eps(modality), cfg.semantic_keep, d.shards, modality)
+             for t, g in enumerate(group_clusters(sizes, n_tasks))]
+    todo = [t for t in tasks if not is_done(d.out, folder, "cluster", f"{t.task:05d}")]
+    if todo:
+        d.engine.map_tasks(run_parts_cluster_task, todo, name="semdedup")
+    _apply(d, f"semantic_{modality}", [f"{folder}/result_{t.task:05d}.npy" for t in tasks])
+
+
+def write_plans(d: Driver, per_shard: int) -> tuple[list[str], dict]:
+    """The curated shards' plans (``units/<name>.parquet``) in key order: a task per run of shards cuts
+    its rows by their kept counts, a task per curated shard joins its pieces."""
+    kept_before = 0
+    per_run = []
+    for g in d.groups:
+        per_run.append({"shards": [d.shards[i] for i in g], "kept_before": kept_before, "per_shard": per_shard})
+        kept_before += sum(d.written[i] for i in g)
+    items = [ShardTask(d.build.url, d.out.url, d.folder, d.shards[g[0]], r, 0, "pieces", per_run[r])
+             for r, g in enumerate(d.groups)]
+    results = d.engine.map_tasks(run_shard_task, items, name="curate-pieces") if items else []
+    n_out = max(1, math.ceil(kept_before / per_shard))
+    runs: list[list[int]] = [[] for _ in range(n_out)]
+    removed: dict[str, int] = {}
+    for r, res in enumerate(results):
+        for t in res["outs"]:
+            runs[t].append(r)
+        for k, v in res["removed"].items():
+            removed[k] = removed.get(k, 0) + v
+    names = [f"{t:05d}" for t in range(n_out)]
+    items = [ShardTask(d.build.url, d.out.url, d.folder, names[t], t, 0, "assemble", {"runs": runs[t]}) for t in range(n_out)]
+    d.engine.map_tasks(run_shard_task, items, name="curate-plans")
+    return names, dict(sorted(removed.items()))

@@ -4,8 +4,10 @@ The measure task of each input shard writes, per modality, ``<folder>/<modality>
 row per measured sample with a value — (bucket, row in the shard, 256-bit digest of the value as four
 int64) — sorted by bucket. Before each modality's round the driver saves the key rank of every
 candidate (-1: not a candidate) as one memory-mapped file; an engine task per bucket reads its
-slice of every shard file, keeps the candidates, and names each group's best-ranked member as the
-one kept. A task holds its bucket only, never the corpus.
+slice of every shard file, keeps the candidates (``<cand>/<shard>.npy``: per row of the shard its key
+rank, -1 when not a candidate, memory-mapped), and names each group's best-ranked member as the one
+kept. A task holds its bucket only, never the corpus; its result file holds (duplicate, kept, score)
+over global positions, sorted by duplicate, for the per-shard tasks that apply it.
 """
 from __future__ import annotations
 
@@ -48,12 +50,17 @@ class ExactTask:
     modality: str
     bucket: int
     shards: list[str]
+    cand: str = ""  # folder of the per-shard candidate ranks
+
+
+def result_rel(folder: str, modality: str, bucket: int) -> str:
+    return f"{folder}/{modality}_result_{bucket:05d}.npy"
 
 
 def run_exact_task(task: ExactTask) -> dict:
-    """Write ``<modality>_result_<bucket>.npy``: (duplicate position, kept position) over the build's positions."""
+    """Write ``<modality>_result_<bucket>.npy``: (duplicate position, kept position, score 1.0 as float64
+    bits) over the build's positions, sorted by duplicate."""
     out = OutputDir(task.out)
-    rank = open_rows(task.out, f"{task.folder}/{task.modality}_rank.npy")
     offsets = load_npy(out, f"{task.folder}/offsets.npy")
     parts = []
     for i, shard in enumerate(task.shards):
@@ -65,7 +72,7 @@ def run_exact_task(task: ExactTask) -> dict:
         if hi > lo:
             mine = np.array(rows[lo:hi])
             pos = offsets[i] + mine[:, 1]
-            r = np.asarray(rank[pos])
+            r = np.asarray(open_rows(task.out, f"{task.cand}/{shard}.npy")[mine[:, 1]])
             keep = r >= 0
             parts.append(np.column_stack([mine[keep, 2:], r[keep], pos[keep]]))
     found = np.concatenate(parts) if parts else np.zeros((0, 6), np.int64)
@@ -77,22 +84,34 @@ def run_exact_task(task: ExactTask) -> dict:
     first = found[head, 5]
     dup = ~head
     result = np.stack([found[dup, 5], first[group[dup]]]) if len(found) else np.zeros((2, 0), np.int64)
-    save_npy(out, f"{task.folder}/{task.modality}_result_{task.bucket:05d}.npy", result.astype(np.int64))
+    result = result[:, np.argsort(result[0], kind="stable")]
+    score = np.ones(result.shape[1], dtype=np.float64).view(np.int64)
+    save_npy(out, result_rel(task.folder, task.modality, task.bucket), np.vstack([result, score[None]]).astype(np.int64))
     mark_done(out, task.folder, f"exact_{task.modality}", f"{task.bucket:05d}", {"duplicates": int(result.shape[1])})
     return {"bucket": task.bucket, "duplicates": int(result.shape[1])}
 
 
-def exact_round(out: OutputDir, folder: str, modality: str, rank: np.ndarray, shards: list[str],
-                buckets: int, engine=None) -> tuple[np.ndarray, np.ndarray]:
-    """(duplicates, the position kept for each) among the candidates (``rank`` ≥ 0), sorted by duplicate."""
-    save_npy(out, f"{folder}/{modality}_rank.npy", rank.astype(np.int64))
-    tasks = [ExactTask(out.url, folder, modality, b, shards) for b in range(buckets)]
+def exact_tasks(out: OutputDir, folder: str, modality: str, shards: list[str], buckets: int, cand: str,
+                engine=None) -> list[str]:
+    """Run the bucket tasks of one modality over the candidates in ``<cand>/<shard>.npy``; their result files."""
+    tasks = [ExactTask(out.url, folder, modality, b, shards, cand) for b in range(buckets)]
     todo = [t for t in tasks if not is_done(out, folder, f"exact_{modality}", f"{t.bucket:05d}")]
     if engine is None:
         for task in todo:
             run_exact_task(task)
     elif todo:
         engine.map_tasks(run_exact_task, todo, name=f"exact-{modality}")
-    res = np.concatenate([load_npy(out, f"{folder}/{modality}_result_{t.bucket:05d}.npy") for t in tasks], axis=1)
+    return [result_rel(folder, modality, t.bucket) for t in tasks]
+
+
+def exact_round(out: OutputDir, folder: str, modality: str, rank: np.ndarray, shards: list[str],
+                buckets: int, engine=None) -> tuple[np.ndarray, np.ndarray]:
+    """(duplicates, the position kept for each) among the candidates (``rank`` ≥ 0, over the global
+    positions of ``<folder>/offsets.npy``), sorted by duplicate: ``exact_tasks`` in one call."""
+    offsets = load_npy(out, f"{folder}/offsets.npy")
+    for i, shard in enumerate(shards):
+        save_npy(out, f"{folder}/cand_{modality}/{shard}.npy", np.asarray(rank[offsets[i]:offsets[i + 1]], np.int64))
+    files = exact_tasks(out, folder, modality, shards, buckets, f"{folder}/cand_{modality}", engine)
+    res = np.concatenate([load_npy(out, f) for f in files], axis=1)
     res = res[:, np.argsort(res[0], kind="stable")]
     return res[0], res[1]

@@ -15,12 +15,11 @@ from mmdata.version import __version__
 from mmdata.config import BuildConfig
 from mmdata.curate import decide
 from mmdata.curate.config import CurateConfig
-from mmdata.curate.features import FEATURES_SCHEMA, FeatureTask, load_features, run_feature_task
+from mmdata.curate.features import FeatureTask, run_feature_task
 from mmdata.curate.exact import n_buckets
 from mmdata.curate.inputs import InputBuild
 from mmdata.curate.markers import is_done, mark_done, read_mark
-from mmdata.curate.semantic import semantic_dedup
-from mmdata.curate.write import PLAN_SCHEMA, WriteTask, cut, run_write_task, summary_reason
+from mmdata.curate.write import WriteTask, run_write_task
 from mmdata.errors import UserError
 from mmdata.layout import clear_output, is_mmdata_output
 from mmdata.records import Unit
@@ -82,65 +81,15 @@ def _engine_config(build: InputBuild, cfg: CurateConfig, out_url: str) -> BuildC
         raise UserError(f"{build.url}: its manifest's config does not load in this version ({exc})") from None
 
 
-def _features(build: InputBuild, cfg: CurateConfig, out: OutputDir, engine) -> dict:
-    """Measure every written sample on the engine; the measures as lists over the build's positions."""
+def _features(build: InputBuild, cfg: CurateConfig, out: OutputDir, engine, rows: int) -> None:
+    """Measure every written sample on the engine (``<scratch>/features/<shard>.parquet``)."""
     tasks = [FeatureTask(build.url, out.url, SCRATCH, name, phash=cfg.phash_max_distance is not None,
                          language=True, tokenizer=cfg.tokenizer, audio=True,
                          speech=cfg.min_speech_ratio is not None or cfg.max_speech_ratio is not None,
-                         exact=tuple(cfg.exact), buckets=n_buckets(len(build)))
+                         exact=tuple(cfg.exact), buckets=n_buckets(rows))
              for name in build.shards if not is_done(out, SCRATCH, "measure", name)]  # resumed: done ones skipped
     if tasks:
         engine.map_tasks(run_feature_task, tasks, name="curate-features")
-    n = len(build)
-    skip = {"pos", "caption_hash", "audio_member_sha256"}  # the exact-dedup tasks read those from scratch files
-    feats = {f.name: [None] * n for f in FEATURES_SCHEMA if f.name not in skip}
-    offsets = np.concatenate([[0], np.cumsum(np.bincount(build.shard, minlength=len(build.shards)))])
-    for i, name in enumerate(build.shards):
-        table = load_features(out, SCRATCH, name).select(["pos", *feats]).to_pydict()
-        for j, pos in enumerate(table["pos"]):
-            for col in feats:
-                feats[col][offsets[i] + pos] = table[col][j]
-    return feats
-
-
-def decide_all(build: InputBuild, cfg: CurateConfig, feats: dict, out: OutputDir, engine, parallelism: int) -> decide.Decisions:
-    dec = decide.Decisions(build)
-    decide.set_measures(dec, feats)
-    decide.filters(dec, cfg)
-    if cfg.exclude_near:
-        decide.decontaminate(dec, cfg, InputBuild(_absolute(cfg.exclude_near)))
-    decide.exact(dec, cfg, out=out, folder=f"{SCRATCH}/exact", buckets=n_buckets(len(build)), engine=engine)
-    if cfg.phash_max_distance is not None:
-        decide.perceptual(dec, feats, cfg.phash_max_distance, out=out, folder=f"{SCRATCH}/phash", engine=engine)
-    for modality in cfg.semantic:
-        vectors, positions = build.vectors(modality, dec.dedup_candidates())
-        dup, kept, cos = semantic_dedup(vectors, cfg.eps(modality), out=out, folder=f"{SCRATCH}/semantic_{modality}",
-                                        engine=engine, n_clusters=cfg.semantic_clusters, keep=cfg.semantic_keep,
-                                        train_size=cfg.semantic_train_size, seed=cfg.seed, parallelism=parallelism)
-        dec.duplicates(f"semantic_{modality}", positions[dup], positions[kept], cos)
-    dec.resolve()
-    return dec
-
-
-def _write_plans(build: InputBuild, dec: decide.Decisions, out: OutputDir, per_shard: int) -> list[str]:
-    order = np.argsort(build.rank, kind="stable")  # positions in key order
-    shards = cut(order.tolist(), (dec.status[order] == "written").tolist(), per_shard)
-    del order
-    names = []
-    for i, positions in enumerate(shards):  # columns, not a dict per row: a shard's plan spans its removed rows too
-        name = f"{i:05d}"
-        positions = np.asarray(positions, dtype=np.int64)
-        columns = {"in_shard": pa.array(np.asarray(build.shards, dtype=object)[build.shard[positions]], pa.string()),
-                   "in_pos": pa.array(build.pos[positions], pa.int32()),
-                   "status": pa.array(dec.status[positions], pa.string()),
-                   "reason": pa.array([dec.reason[p] for p in positions.tolist()], pa.string()),
-                   **{c: pa.array([dec.scores[c][p] for p in positions.tolist()], PLAN_SCHEMA.field(c).type)
-                      for c in decide.SCORE_COLUMNS}}
-        buf = io.BytesIO()
-        pq.write_table(pa.table(columns, schema=PLAN_SCHEMA), buf, compression="zstd")
-        out.write_bytes(f"{SCRATCH}/units/{name}.parquet", buf.getvalue())
-        names.append(name)
-    return names
 
 
 def curate(build_url: str, out_url: str, cfg: CurateConfig) -> dict:
@@ -162,13 +111,15 @@ def curate(build_url: str, out_url: str, cfg: CurateConfig) -> dict:
     engine = get_engine(config)
     try:
         if not is_done(out, SCRATCH, "decide", "all"):
-            feats = _features(build, cfg, out, engine)
-            dec = decide_all(build, cfg, feats, out, engine, engine.parallelism)
-            names = _write_plans(build, dec, out, config.samples_per_shard)
-            mark_done(out, SCRATCH, "decide", "all", {"names": names, "removed": _removed_counts(dec)})
-            del feats, dec
+            driver = decide.Driver(build, out, SCRATCH, engine)
+            driver.scan()
+            _features(build, cfg, out, engine, driver.rows)
+            decide.decide_all(driver, cfg, engine.parallelism)
+            names, removed = decide.write_plans(driver, config.samples_per_shard)
+            mark_done(out, SCRATCH, "decide", "all", {"names": names, "removed": removed, "rows": driver.rows})
+            del driver
         decided = read_mark(out, SCRATCH, "decide", "all")
-        names, removed = decided["names"], decided["removed"]
+        names, removed, rows = decided["names"], decided["removed"], decided["rows"]
         tasks = [WriteTask(build.url, out.url, SCRATCH, name, build.modalities, curate_hash,
                            cfg.tokenizer if cfg.tokens_member else None) for name in names]
         todo = [t for t in tasks if not is_done(out, SCRATCH, "write", t.name)]  # resumed: done shards skipped
@@ -179,8 +130,8 @@ def curate(build_url: str, out_url: str, cfg: CurateConfig) -> dict:
         out.write_bytes("shards/sizes.json", json.dumps(sizes, indent=1, sort_keys=True).encode())
         merged = merge_stats(all_stats)
         c = merged["counts"]
-        if c["inputs"] != len(build) or c["inputs"] != c["written"] + c["filtered"] + c["failed"]:
-            raise UserError(f"curated counts do not reconcile with the build's {len(build)} rows: {c}")
+        if c["inputs"] != rows or c["inputs"] != c["written"] + c["filtered"] + c["failed"]:
+            raise UserError(f"curated counts do not reconcile with the build's {rows} rows: {c}")
         manifest = {"mmdata_version": __version__, "config": config.model_dump(mode="json"),
                     "config_hash": config.config_hash, "versions": package_versions(), **merged,
                     "units": len(names), "shards": [s["shard"] for s in all_stats],
@@ -208,12 +159,3 @@ def curate(build_url: str, out_url: str, cfg: CurateConfig) -> dict:
         write_report_or_warn(out, manifest)
     out.clean_temporaries()
     return manifest
-
-
-def _removed_counts(dec: decide.Decisions) -> dict:
-    """Samples written in the build and removed by curation, by summary reason."""
-    counts: dict[str, int] = {}
-    for p in np.flatnonzero(dec.build.written & (dec.status != "written")):
-        r = summary_reason(dec.reason[p])
-        counts[r] = counts.get(r, 0) + 1
-    return dict(sorted(counts.items()))
