@@ -163,28 +163,16 @@ def perceptual(d: Driver, max_distance: int) -> None:
     """Images within Hamming distance ≤ ``max_distance`` of a better-ranked image (more source pixels,
     then key order) are duplicates of the nearest such image (ties: the better-ranked). Searched by
     multi-index hashing in engine tasks (``mmdata.curate.phash``), not all pairs."""
-    from mmdata.curate.parts import read_part
-    from mmdata.curate.phash import near_duplicates
+    from mmdata.curate.phash import buckets, rounds
 
-    order, gpos, codes = [], [], []
-    for i, shard in enumerate(d.shards):
-        cand = load_npy(d.out, f"{d.folder}/cand/{shard}.npy")
-        part = read_part(d.out, d.folder, shard)
-        for p in np.flatnonzero(cand >= 0).tolist():
-            if part["phash_code"][p] is not None:
-                order.append((-int(part["pixels"][p]), int(part["rank"][p])))
-                gpos.append(int(d.offsets[i]) + p)
-                codes.append(part["phash_code"][p])
-    if len(codes) < 2:
-        return
-    o = sorted(range(len(codes)), key=lambda j: order[j])
-    gpos = np.asarray(gpos, dtype=np.int64)[o]
-    codes = np.asarray(codes, dtype=np.int64)[o]
-    dup, kept, dist, _ = near_duplicates(codes, max_distance, out=d.out, folder=f"{d.folder}/phash", engine=d.engine)
-    res = np.stack([gpos[dup], gpos[kept], (1.0 - dist / 64.0).astype(np.float64).view(np.int64)])
-    res = res[:, np.argsort(res[0], kind="stable")]
-    save_npy(d.out, f"{d.folder}/phash_result.npy", res)
-    _apply(d, "phash", [f"{d.folder}/phash_result.npy"])
+    if d.rows >= 2**32:
+        raise UserError("perceptual dedup ranks at most 2**32 rows; curate the build in parts or turn it off")
+    folder = f"{d.folder}/phash"
+    n = sum(r["n"] for r in d.tasks("phash_source", {"folder": folder, "buckets": buckets(d.rows)}))
+    if n >= 2:
+        files, _ = rounds(d.out, folder, d.shards, d.rows, max_distance, d.engine)
+        d.count(d.tasks("apply", {"method": "phash", "files": files, "distance": True}))
+    d.out.remove(folder)
 
 
 def semantic(d: Driver, cfg: CurateConfig, modality: str, parallelism: int) -> None:

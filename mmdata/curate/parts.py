@@ -373,7 +373,7 @@ def _apply(task: ShardTask, out: OutputDir) -> dict:
         if hi <= lo:
             continue
         mine = np.array(res[:, lo:hi])
-        scores = mine[2].view(np.float64)
+        scores = 1.0 - mine[2] / 64.0 if task.args.get("distance") else mine[2].view(np.float64)  # pHash: a distance
         for d, k, s in zip((mine[0] - task.offset).tolist(), mine[1].tolist(), scores.tolist()):
             part["status"][d] = "filtered"
             part["kept_for"][d] = k
@@ -381,6 +381,20 @@ def _apply(task: ShardTask, out: OutputDir) -> dict:
             part["duplicate_score"][d] = float(np.float32(s))
     write_part(out, task.folder, task.shard, part)
     return {"written": write_cand(out, task.folder, task.shard, part)}
+
+
+def _phash_source(task: ShardTask, out: OutputDir) -> dict:
+    """The shard's candidates with a pHash as a source of ``mmdata.curate.phash.rounds``: order key
+    (more source pixels first, then key rank), global position, hash."""
+    from mmdata.curate.phash import write_source
+
+    part = read_part(out, task.folder, task.shard)
+    cand = load_npy(out, f"{task.folder}/cand/{task.shard}.npy")
+    p = np.asarray([i for i in np.flatnonzero(cand >= 0).tolist() if part["phash_code"][i] is not None], dtype=np.int64)
+    order = ((MAX_PIXELS - np.minimum(part["pixels"][p], MAX_PIXELS)) << 32) | part["rank"][p]
+    codes = np.asarray([part["phash_code"][i] for i in p.tolist()], dtype=np.int64)
+    write_source(out, task.args["folder"], task.shard, order, task.offset + p, codes, task.args["buckets"])
+    return {"n": len(p)}
 
 
 def _next(task: ShardTask, out: OutputDir) -> dict:
@@ -486,5 +500,5 @@ def _assemble(task: ShardTask, out: OutputDir) -> dict:
     return {"rows": table.num_rows}
 
 
-STEPS = {"decontaminate": _decontaminate_step, "pieces": _pieces, "assemble": _assemble, "scan": _scan, "rank": _rank, "init": _init, "clip": _clip_pass, "filter": _filter, "apply": _apply,
+STEPS = {"phash_source": _phash_source, "decontaminate": _decontaminate_step, "pieces": _pieces, "assemble": _assemble, "scan": _scan, "rank": _rank, "init": _init, "clip": _clip_pass, "filter": _filter, "apply": _apply,
          "next": _next, "resolve": _resolve}
