@@ -8,14 +8,16 @@ cluster, eps 0.01) runs in a child process, so its peak RSS is measured alone (R
 small wrapper). Prints precision and recall of the planted pairs (target ≥ 0.95 each), wall time, and
 the peak RSS against 2 GiB.
 
-Then the driver's memory of a whole ``mmdata curate`` at two sizes (default 10,000 and 50,000 rows;
-``MMDATA_BENCH_CURATE_DRIVER=200000,1000000`` for more): a real build of tiny images (500 patterns, so
-perceptual and exact duplicates abound) and captions, curated with 2 workers in a fresh process that
-prints its own peak RSS (VmHWM: the driver, with the tasks that run in it when a stage has one
-task) and its largest worker's (RUSAGE_CHILDREN). Prints the ratio of the two peaks against the
-ratio of the sizes (flat: 1) and the bytes per added row. And the write task of the curated shard
-that spans the most input rows (with 95 % exact duplicates, about 20 per kept sample), re-run alone
-from its plan in a fresh process: its peak RSS (VmHWM) and bytes per spanned row.
+Then the driver's memory of a whole ``mmdata curate`` at several sizes (default 10,000 and 50,000
+rows; ``--driver-sizes 10000,50000,200000`` or ``MMDATA_BENCH_CURATE_DRIVER`` for more): a real build of
+tiny images (500 patterns, so perceptual and exact duplicates abound) and captions, curated with 2
+workers and a CLIP-free config in a fresh process that prints its own peak RSS (VmHWM: the driver;
+every stage runs two tasks at least, so no task runs in it) and its largest worker's
+(RUSAGE_CHILDREN). Prints the ratio of the peaks against the ratio of the sizes and the bytes per
+added row (target: flat, under 50 bytes per added row: the driver holds per-shard counts only). And
+the write task of the curated shard that spans the most input rows (with 95 % exact duplicates,
+about 20 per kept sample), re-run alone from its plan in a fresh process: its peak RSS (VmHWM) and
+bytes per spanned row.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import time
 import numpy as np
 
 LIMIT = 2 * 2**30
+DRIVER_BYTES_PER_ROW = 50
 ROWS_PER_SHARD = 50_000
 CENTRES = 1000
 DUP_NOISE = 0.05
@@ -181,9 +184,11 @@ def driver_memory(root: str, sizes: list[int]) -> None:
               f"{task / 2**20:.0f} MiB, {(task - small) / max(1, spanned - 50):,.0f} bytes per spanned row over "
               f"the same task on 50 rows ({small / 2**20:.0f} MiB)")
         shutil.rmtree(folder, ignore_errors=True)
-    if len(sizes) == 2:
-        print(f"driver peak grows {peaks[1] / peaks[0]:.2f}x for {sizes[1] / sizes[0]:.0f}x the rows (flat: 1.00); "
-              f"{(peaks[1] - peaks[0]) / (sizes[1] - sizes[0]):,.0f} bytes per added row")
+    for i in range(1, len(sizes)):
+        per_row = (peaks[i] - peaks[0]) / (sizes[i] - sizes[0])
+        print(f"driver peak grows {peaks[i] / peaks[0]:.2f}x for {sizes[i] / sizes[0]:.0f}x the rows (flat: 1.00); "
+              f"{per_row:,.0f} bytes per added row (target < {DRIVER_BYTES_PER_ROW}: "
+              f"{'met' if per_row < DRIVER_BYTES_PER_ROW else 'NOT met'})")
 
 
 def main() -> None:
@@ -191,29 +196,34 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=int(os.environ.get("MMDATA_BENCH_CURATE_N", 200_000)))
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--out", default="bench_out/curate")
+    ap.add_argument("--driver-sizes", default=os.environ.get("MMDATA_BENCH_CURATE_DRIVER", "10000,50000"),
+                    help="rows of the curate-driver memory runs, comma-separated (10000,50000,200000: the big one)")
+    ap.add_argument("--driver-only", action="store_true", help="skip the semantic-dedup part")
     args = ap.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
     root = os.path.abspath(args.out)
-    src, dst, n_shards = write_corpus(root, args.n, args.dim, seed=0)
-    started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", WRAPPER, CHILD, root, str(n_shards), str(ROWS_PER_SHARD), str(EPS)],
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
-    wall = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise RuntimeError(f"semantic dedup failed: {proc.stderr[-2000:]}")
-    peak = int(proc.stdout.strip().splitlines()[-1])
-    dup, kept = np.load(f"{root}/result.npy")
-    planted = {(int(a), int(b)) for a, b in zip(src, dst)}
-    found = {(min(int(a), int(b)), max(int(a), int(b))) for a, b in zip(dup, kept)}
-    planted = {(min(a, b), max(a, b)) for a, b in planted}
-    hits = len(planted & found)
-    precision, recall = hits / max(1, len(found)), hits / max(1, len(planted))
-    print(f"{args.n:,} x {args.dim} float16 embeddings, {len(planted):,} planted near-duplicate pairs, eps {EPS}")
-    print(f"removed {len(found):,}: precision {precision:.4f}, recall {recall:.4f} (target >= 0.95 each: "
-          f"{'met' if min(precision, recall) >= 0.95 else 'NOT met'})")
-    print(f"wall time: {wall:.1f} s ({args.n / wall:,.0f} vectors/s)")
-    print(f"peak RSS of the dedup process: {peak / 2**20:.0f} MiB = {peak / LIMIT:.3f} x the 2 GiB limit")
-    sizes = [int(v) for v in os.environ.get("MMDATA_BENCH_CURATE_DRIVER", "10000,50000").split(",") if v]
+    os.makedirs(root, exist_ok=True)
+    if not args.driver_only:
+        src, dst, n_shards = write_corpus(root, args.n, args.dim, seed=0)
+        started = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", WRAPPER, CHILD, root, str(n_shards), str(ROWS_PER_SHARD), str(EPS)],
+                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+        wall = time.perf_counter() - started
+        if proc.returncode != 0:
+            raise RuntimeError(f"semantic dedup failed: {proc.stderr[-2000:]}")
+        peak = int(proc.stdout.strip().splitlines()[-1])
+        dup, kept = np.load(f"{root}/result.npy")
+        planted = {(int(a), int(b)) for a, b in zip(src, dst)}
+        found = {(min(int(a), int(b)), max(int(a), int(b))) for a, b in zip(dup, kept)}
+        planted = {(min(a, b), max(a, b)) for a, b in planted}
+        hits = len(planted & found)
+        precision, recall = hits / max(1, len(found)), hits / max(1, len(planted))
+        print(f"{args.n:,} x {args.dim} float16 embeddings, {len(planted):,} planted near-duplicate pairs, eps {EPS}")
+        print(f"removed {len(found):,}: precision {precision:.4f}, recall {recall:.4f} (target >= 0.95 each: "
+              f"{'met' if min(precision, recall) >= 0.95 else 'NOT met'})")
+        print(f"wall time: {wall:.1f} s ({args.n / wall:,.0f} vectors/s)")
+        print(f"peak RSS of the dedup process: {peak / 2**20:.0f} MiB = {peak / LIMIT:.3f} x the 2 GiB limit")
+    sizes = [int(v) for v in args.driver_sizes.split(",") if v]
     if sizes:
         driver_memory(root, sizes)
     shutil.rmtree(root, ignore_errors=True)
