@@ -34,6 +34,10 @@ class Driver:
         self.written = [0] * len(self.shards)
         self.scans: list[dict] = []
         self.groups: list[list[int]] = []
+        from mmdata.curate.exact import n_buckets
+
+        # exact dedup's hash buckets, from the build's count (the measure tasks write their digests by bucket)
+        self.buckets = n_buckets(int((build.manifest.get("counts") or {}).get("inputs") or 0))
 
     @property
     def rows(self) -> int:
@@ -46,8 +50,12 @@ class Driver:
                            {**(args or {}), **(per_shard[i] if per_shard else {})}) for i in idx]
         return self.engine.map_tasks(run_shard_task, items, name=f"curate-{step}") if items else []
 
-    def scan(self) -> None:
-        self.scans = self.tasks("scan")
+    def scan(self, features) -> None:
+        """Scan the shards' keys and measure their samples (``features(shard)``: the FeatureTask)."""
+        import json
+
+        self.out.write_bytes(f"{self.folder}/shards.json", json.dumps(self.shards).encode())
+        self.scans = self.tasks("measure", per_shard=[{"features": features(s)} for s in self.shards])
         self.offsets[1:] = np.cumsum([s["rows"] for s in self.scans])
         save_npy(self.out, f"{self.folder}/offsets.npy", self.offsets)
         self.groups = rank_groups(self.scans)
@@ -67,11 +75,13 @@ def decide_all(d: Driver, cfg: CurateConfig, parallelism: int) -> None:
     build = d.build
     clip = "image" in build.modalities and "text" in build.modalities
     top = clip and cfg.clip_top_fraction is not None
-    results = d.tasks("init", {"clip": clip, "clip_min": cfg.clip_min, "top": top},
-                      per_shard=[{"ranked": i in d.ranked} for i in range(len(d.shards))])
-    cut = _top_cut(d, cfg.clip_top_fraction, sum(r["scored"] for r in results)) if top else None
     decont = _decontamination(build, cfg) if cfg.exclude_near else None
-    results = d.tasks("filter", {"cfg": cfg.content_dict(), "cut": cut, "decontaminate": decont})
+    filters = {"cfg": cfg.content_dict(), "cut": None, "decontaminate": decont}
+    results = d.tasks("init", {"clip": clip, "clip_min": cfg.clip_min, "top": top, "filter": None if top else filters},
+                      per_shard=[{"ranked": i in d.ranked} for i in range(len(d.shards))])
+    if top:  # the filters wait for the global cut
+        cut = _top_cut(d, cfg.clip_top_fraction, sum(r["scored"] for r in results))
+        results = d.tasks("filter", {**filters, "cut": cut})
     if decont:
         n = [r["searched"] for r in results]
         base = np.concatenate([[0], np.cumsum(n)]).tolist()
@@ -83,8 +93,6 @@ def decide_all(d: Driver, cfg: CurateConfig, parallelism: int) -> None:
         perceptual(d, cfg.phash_max_distance)
     for modality in cfg.semantic:
         semantic(d, cfg, modality, parallelism)
-    d.tasks("next")
-    d.tasks("resolve", {"shards": d.shards})
 
 
 def _hist(out, rels: list[str], bins: int) -> np.ndarray:
@@ -149,13 +157,13 @@ def exact(d: Driver, cfg: CurateConfig) -> None:
     """Identical source bytes (image_sha256, audio_sha256) or normalised caption: the first key stays.
     Grouped by hash bucket in engine tasks (``mmdata.curate.exact``) from the digests the measure
     tasks wrote; one round per modality, over the samples still kept."""
-    from mmdata.curate.exact import exact_tasks, n_buckets
+    from mmdata.curate.exact import exact_tasks
 
     folder = f"{d.folder}/exact"
     save_npy(d.out, f"{folder}/offsets.npy", d.offsets)
     for modality in ("image", "text", "audio"):
         if modality in cfg.exact:
-            files = exact_tasks(d.out, folder, modality, d.shards, n_buckets(d.rows), f"{d.folder}/cand", d.engine)
+            files = exact_tasks(d.out, folder, modality, d.shards, d.buckets, f"{d.folder}/cand", d.engine)
             _apply(d, f"exact_{modality}", files)
 
 
@@ -216,7 +224,7 @@ def semantic(d: Driver, cfg: CurateConfig, modality: str, parallelism: int) -> N
     for s in d.shards:
         sizes += load_npy(d.out, f"{folder}/sizes/{s}.npy")
     n_tasks = max(4 * max(1, parallelism), math.ceil(n * centres.shape[1] * 4 / TASK_BYTES))
-    tasks = [PartsClusterTask(d.build.url, d.out.url, folder, t, g, 1.0 - cfg.eps(modality), cfg.semantic_keep, d.shards, modality)
+    tasks = [PartsClusterTask(d.build.url, d.out.url, folder, t, g, 1.0 - cfg.eps(modality), cfg.semantic_keep, d.folder, modality)
              for t, g in enumerate(group_clusters(sizes, n_tasks))]
     todo = [t for t in tasks if not is_done(d.out, folder, "cluster", f"{t.task:05d}")]
     if todo:

@@ -72,6 +72,20 @@ def ordered(scores: np.ndarray) -> np.ndarray:
     return np.where(b >> np.uint32(31), ~b, b | np.uint32(1 << 31)).astype(np.uint32)
 
 
+_NAMES: dict = {}
+
+
+def shard_names(out: OutputDir, folder: str) -> list[str]:
+    """The input shards' names (``<scratch>/shards.json``, saved once by the driver), read once per process."""
+    import json
+
+    key = (out.url, folder)
+    if key not in _NAMES:
+        _NAMES.clear()
+        _NAMES[key] = json.loads(out.read_bytes(f"{folder}/shards.json"))
+    return _NAMES[key]
+
+
 def shard_of(offsets: np.ndarray, positions: np.ndarray) -> np.ndarray:
     return np.searchsorted(offsets, positions, side="right") - 1
 
@@ -107,6 +121,17 @@ def _scan(task: ShardTask, out: OutputDir) -> dict:
     save_npy(out, f"{task.folder}/keys/{task.shard}.npy", arr)
     return {"rows": len(keys), "low": min(keys) if keys else None, "high": max(keys) if keys else None,
             "sorted": all(a < b for a, b in zip(keys, keys[1:]))}
+
+
+def _measure(task: ShardTask, out: OutputDir) -> dict:
+    """The scan, then the shard's measures (``mmdata.curate.features``) unless a resumed run has them."""
+    from mmdata.curate.features import run_feature_task
+    from mmdata.curate.markers import is_done
+
+    result = _scan(task, out)
+    if not is_done(out, task.folder, "measure", task.shard):
+        run_feature_task(task.args["features"])
+    return result
 
 
 def rank_groups(scans: list[dict]) -> list[list[int]]:
@@ -193,7 +218,11 @@ def _init(task: ShardTask, out: OutputDir) -> dict:
         keys = _scored_keys(part)[1]
         result["scored"] = len(keys)
         _save_hist(out, f"{task.folder}/clip/h1/{task.shard}.npy", keys >> np.uint32(HIST_BITS))
+    elif a.get("filter") is not None:  # no global cut to wait for: the filters now
+        result.update(_filter_part(task, out, part, a["filter"]))
     write_part(out, task.folder, task.shard, part)
+    if "written" in result:
+        write_cand(out, task.folder, task.shard, part)
     return result
 
 
@@ -255,12 +284,21 @@ def _clip_pass(task: ShardTask, out: OutputDir) -> dict:
 
 
 def _filter(task: ShardTask, out: OutputDir) -> dict:
-    """The top-fraction cut, the per-sample filters and decontamination; then the candidates."""
+    """The top-fraction cut and the per-sample filters; then the candidates."""
+    part = read_part(out, task.folder, task.shard)
+    result = _filter_part(task, out, part, task.args)
+    write_part(out, task.folder, task.shard, part)
+    write_cand(out, task.folder, task.shard, part)
+    return result
+
+
+def _filter_part(task: ShardTask, out: OutputDir, part: dict, args: dict) -> dict:
+    """Apply the top-fraction cut (``args.cut``) and the filters of ``args.cfg`` to ``part``; the
+    alive samples and, with decontamination to come, how many it will search."""
     from mmdata.curate.config import CurateConfig
 
-    cfg = CurateConfig(**task.args["cfg"])
-    cut = task.args.get("cut")
-    part = read_part(out, task.folder, task.shard)
+    cfg = CurateConfig(**args["cfg"])
+    cut = args.get("cut")
     if cut is not None:
         rows, keys = _scored_keys(part)
         keys = keys.astype(np.int64)
@@ -277,13 +315,12 @@ def _filter(task: ShardTask, out: OutputDir) -> dict:
     _threshold(part, "loudness", "loudness", cfg.min_loudness, cfg.max_loudness)
     _threshold(part, "clipping", "clipping", None, cfg.max_clipping)
     _threshold(part, "speech_ratio", "speech_ratio", cfg.min_speech_ratio, cfg.max_speech_ratio)
-    result = {}
-    if task.args.get("decontaminate"):  # the samples decontamination will search: its base for the next step
-        alive = np.flatnonzero(np.asarray(part["status"], dtype=object) == "written")
-        result["searched"] = int(present_rows(task.build, task.shard, task.args["decontaminate"]["modality"],
+    alive = np.flatnonzero(np.asarray(part["status"], dtype=object) == "written")
+    result = {"written": len(alive)}
+    if args.get("decontaminate"):  # the samples decontamination will search: its base for the next step
+        result["searched"] = int(present_rows(task.build, task.shard, args["decontaminate"]["modality"],
                                               part["row"][alive]).sum()) if len(alive) else 0
-    write_part(out, task.folder, task.shard, part)
-    return {"written": write_cand(out, task.folder, task.shard, part), **result}
+    return result
 
 
 def _decontaminate_step(task: ShardTask, out: OutputDir) -> dict:
@@ -380,6 +417,7 @@ def _apply(task: ShardTask, out: OutputDir) -> dict:
             part["method"][d] = task.args["method"]
             part["duplicate_score"][d] = float(np.float32(s))
     write_part(out, task.folder, task.shard, part)
+    _next(task, out, part)
     return {"written": write_cand(out, task.folder, task.shard, part)}
 
 
@@ -397,12 +435,10 @@ def _phash_source(task: ShardTask, out: OutputDir) -> dict:
     return {"n": len(p)}
 
 
-def _next(task: ShardTask, out: OutputDir) -> dict:
+def _next(task: ShardTask, out: OutputDir, part: dict) -> None:
     """``next/<shard>.npy``: for a removed duplicate, the position kept for it; else -1."""
-    part = read_part(out, task.folder, task.shard)
     gone = np.asarray([s != "written" for s in part["status"]], dtype=bool)
     save_npy(out, f"{task.folder}/next/{task.shard}.npy", np.where(gone & (part["kept_for"] >= 0), part["kept_for"], -1))
-    return {}
 
 
 def _lookup(out: OutputDir, folder: str, name: str, shards: list[str], offsets: np.ndarray, positions: np.ndarray):
@@ -418,32 +454,29 @@ def _lookup(out: OutputDir, folder: str, name: str, shards: list[str], offsets: 
     return result if result is not None else np.zeros(0, np.int64)
 
 
-def _resolve(task: ShardTask, out: OutputDir) -> dict:
-    """Name, for each duplicate of the shard, the sample that stays: the kept sample, or while that
+def resolve(out: OutputDir, folder: str, part: dict, shards: list[str]) -> int:
+    """Name, for each duplicate of the part, the sample that stays: the kept sample, or while that
     one is removed the sample kept for it, and so on (chains end: each link is to a better-ranked or
-    earlier-kept sample)."""
-    part = read_part(out, task.folder, task.shard)
+    earlier-kept sample). Looks ``next`` and ``keys`` up in the other shards' maps."""
     dups = np.asarray([p for p, m in enumerate(part["method"]) if m is not None], dtype=np.int64)
     if not len(dups):
-        return {"rounds": 0}
-    offsets = load_npy(out, f"{task.folder}/offsets.npy")
-    shards = task.args["shards"]
+        return 0
+    offsets = load_npy(out, f"{folder}/offsets.npy")
     k = part["kept_for"][dups].copy()
     rounds = 0
     while True:
-        nxt = _lookup(out, task.folder, "next", shards, offsets, k).astype(np.int64)
+        nxt = _lookup(out, folder, "next", shards, offsets, k).astype(np.int64)
         move = nxt >= 0
         if not move.any() or rounds > len(offsets):
             break
         k[move] = nxt[move]
         rounds += 1
-    keys = _lookup(out, task.folder, "keys", shards, offsets, k)
+    keys = _lookup(out, folder, "keys", shards, offsets, k)
     for d, key in zip(dups.tolist(), keys.tolist()):
         key = key.decode()
         part["reason"][d] = f"duplicate:{part['method'][d]}:{key}"
         part["duplicate_of"][d] = key
-    write_part(out, task.folder, task.shard, part)
-    return {"rounds": rounds}
+    return rounds
 
 
 def _pieces(task: ShardTask, out: OutputDir) -> dict:
@@ -460,6 +493,7 @@ def _pieces(task: ShardTask, out: OutputDir) -> dict:
     shard_col, pos_col, ranks, built = [], [], [], []
     for name in a["shards"]:
         part = read_part(out, task.folder, name)
+        resolve(out, task.folder, part, shard_names(out, task.folder))
         for c in cols:
             merged[c] += part[c]
         shard_col += [name] * len(part["pos"])
@@ -500,5 +534,4 @@ def _assemble(task: ShardTask, out: OutputDir) -> dict:
     return {"rows": table.num_rows}
 
 
-STEPS = {"phash_source": _phash_source, "decontaminate": _decontaminate_step, "pieces": _pieces, "assemble": _assemble, "scan": _scan, "rank": _rank, "init": _init, "clip": _clip_pass, "filter": _filter, "apply": _apply,
-         "next": _next, "resolve": _resolve}
+STEPS = {"measure": _measure, "phash_source": _phash_source, "decontaminate": _decontaminate_step, "pieces": _pieces, "assemble": _assemble, "scan": _scan, "rank": _rank, "init": _init, "clip": _clip_pass, "filter": _filter, "apply": _apply}

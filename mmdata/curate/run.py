@@ -15,8 +15,7 @@ from mmdata.version import __version__
 from mmdata.config import BuildConfig
 from mmdata.curate import decide
 from mmdata.curate.config import CurateConfig
-from mmdata.curate.features import FeatureTask, run_feature_task
-from mmdata.curate.exact import n_buckets
+from mmdata.curate.features import FeatureTask
 from mmdata.curate.inputs import InputBuild
 from mmdata.curate.markers import is_done, mark_done, read_mark
 from mmdata.curate.write import WriteTask, run_write_task
@@ -81,15 +80,12 @@ def _engine_config(build: InputBuild, cfg: CurateConfig, out_url: str) -> BuildC
         raise UserError(f"{build.url}: its manifest's config does not load in this version ({exc})") from None
 
 
-def _features(build: InputBuild, cfg: CurateConfig, out: OutputDir, engine, rows: int) -> None:
-    """Measure every written sample on the engine (``<scratch>/features/<shard>.parquet``)."""
-    tasks = [FeatureTask(build.url, out.url, SCRATCH, name, phash=cfg.phash_max_distance is not None,
-                         language=True, tokenizer=cfg.tokenizer, audio=True,
-                         speech=cfg.min_speech_ratio is not None or cfg.max_speech_ratio is not None,
-                         exact=tuple(cfg.exact), buckets=n_buckets(rows))
-             for name in build.shards if not is_done(out, SCRATCH, "measure", name)]  # resumed: done ones skipped
-    if tasks:
-        engine.map_tasks(run_feature_task, tasks, name="curate-features")
+def _features(build: InputBuild, cfg: CurateConfig, out: OutputDir, buckets: int):
+    """The measure task of an input shard (``<scratch>/features/<shard>.parquet``)."""
+    return lambda name: FeatureTask(build.url, out.url, SCRATCH, name, phash=cfg.phash_max_distance is not None,
+                                    language=True, tokenizer=cfg.tokenizer, audio=True,
+                                    speech=cfg.min_speech_ratio is not None or cfg.max_speech_ratio is not None,
+                                    exact=tuple(cfg.exact), buckets=buckets)
 
 
 def curate(build_url: str, out_url: str, cfg: CurateConfig) -> dict:
@@ -109,11 +105,12 @@ def curate(build_url: str, out_url: str, cfg: CurateConfig) -> dict:
                 "source_counts": build.manifest.get("counts"), "samples_per_shard": config.samples_per_shard}
     resumed = _prepare_output(out, cfg.overwrite, identity)
     engine = get_engine(config)
+    if hasattr(engine, "keep_pool"):  # the local engine: one pool for the many short rounds of tasks
+        engine.keep_pool()
     try:
         if not is_done(out, SCRATCH, "decide", "all"):
             driver = decide.Driver(build, out, SCRATCH, engine)
-            driver.scan()
-            _features(build, cfg, out, engine, driver.rows)
+            driver.scan(_features(build, cfg, out, driver.buckets))
             decide.decide_all(driver, cfg, engine.parallelism)
             names, removed = decide.write_plans(driver, config.samples_per_shard)
             mark_done(out, SCRATCH, "decide", "all", {"names": names, "removed": removed, "rows": driver.rows})

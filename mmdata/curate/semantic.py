@@ -250,18 +250,21 @@ class PartsClusterTask:
     clusters: list[int]
     threshold: float
     keep: str
-    shards: list[str]
+    scratch: str
     modality: str
 
 
 def run_parts_cluster_task(task: PartsClusterTask) -> dict:
     """Dedup the task's clusters; write ``result_<task>.npy`` (3, n): duplicate, kept, cosine (float64
     bits) over global positions, sorted by duplicate. Idempotent."""
+    from mmdata.curate.parts import shard_names
+
     out = OutputDir(task.out)
+    shards = shard_names(out, task.scratch)
     mods = ["image", "text"] if task.modality == "pair" else [task.modality]
     wanted = np.asarray(task.clusters, dtype=np.int64)
     gpos, part, rows, cluster, sim = [], [], [], [], []
-    for i, shard in enumerate(task.shards):
+    for i, shard in enumerate(shards):
         a = load_npy(out, f"{task.folder}/assign/{shard}.npy")
         sel = np.isin(a[2], wanted)
         gpos.append(a[0, sel])
@@ -270,7 +273,7 @@ def run_parts_cluster_task(task: PartsClusterTask) -> dict:
         cluster.append(a[2, sel])
         sim.append(a[3, sel].view(np.float64).astype(np.float32))
     gpos, part, rows = np.concatenate(gpos), np.concatenate(part), np.concatenate(rows)
-    vectors = VectorSet([{"url": task.build, "rels": [f"embeddings/{m}/{s}.npy" for m in mods]} for s in task.shards],
+    vectors = VectorSet([{"url": task.build, "rels": [f"embeddings/{m}/{s}.npy" for m in mods]} for s in shards],
                         part, rows)
     found = _dedup_members(task.clusters, np.concatenate(cluster), np.concatenate(sim), gpos,
                            vectors.take(np.arange(len(rows))), task.threshold, task.keep)

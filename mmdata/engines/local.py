@@ -22,6 +22,7 @@ class LocalEngine:
     def __init__(self, config: BuildConfig):
         self.workers = config.n_workers
         self.pool = None
+        self.keep = False
 
     def map_units(self, config: BuildConfig, units: list[UnitRef], on_done: Callable[[dict], None]) -> list[dict]:
         if self.workers == 1 or len(units) <= 1:
@@ -52,14 +53,22 @@ class LocalEngine:
         return self.workers
 
     def map_tasks(self, fn: Callable[[Any], Any], items: Sequence[Any], *, name: str) -> list:
-        """In this process for ``--workers 1`` (or a single item), else on a fresh process pool."""
+        """In this process for ``--workers 1`` (or a single item), else on a fresh process pool (one
+        pool for all calls after ``keep_pool()``, until ``close()``)."""
         if self.workers == 1 or len(items) <= 1:
             return [fn(item) for item in items]
-        self.pool = self._new_pool(len(items))
+        if self.pool is None:
+            self.pool = self._new_pool(self.workers if self.keep else len(items))
         try:
             return list(self.pool.map(fn, items))
         finally:
-            self.close()
+            if not self.keep:
+                self.close()
+
+    def keep_pool(self) -> None:
+        """Keep one pool of ``workers`` processes for every ``map_tasks`` until ``close()``: many short
+        rounds of tasks (curation) then pay for starting the workers once."""
+        self.keep = True
 
     def _new_pool(self, n_items: int) -> ProcessPoolExecutor:
         ctx = multiprocessing.get_context("spawn")
@@ -69,3 +78,4 @@ class LocalEngine:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
+        self.keep = False
