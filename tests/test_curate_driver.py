@@ -14,9 +14,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import run_build
 from PIL import Image
 
-from conftest import run_build
 from mmdata.curate import curate, load_curate_config
 from mmdata.storage import OutputDir
 from pipelines.demo_corpus import PHOTOS, skimage_photo

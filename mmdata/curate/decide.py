@@ -16,7 +16,13 @@ import math
 import numpy as np
 
 from mmdata.curate.config import CurateConfig
-from mmdata.curate.parts import HIST_BITS, ShardTask, needs_merge, rank_groups, run_shard_task
+from mmdata.curate.parts import (
+    HIST_BITS,
+    ShardTask,
+    needs_merge,
+    rank_groups,
+    run_shard_task,
+)
 from mmdata.curate.vectors import load_npy, save_npy
 from mmdata.errors import UserError
 
@@ -69,6 +75,14 @@ class Driver:
     def count(self, results: list[dict]) -> None:
         for i, r in enumerate(results):
             self.written[i] = r["written"]
+
+
+def check(build, cfg: CurateConfig) -> None:
+    """Refuse, before any work, a semantic dedup on embeddings the build does not have."""
+    for modality in cfg.semantic:
+        if any(m not in build.modalities for m in (["image", "text"] if modality == "pair" else [modality])):
+            raise UserError(f"{build.url} has no {'image/text' if modality == 'pair' else modality} embeddings "
+                            f"(it has: {', '.join(build.modalities) or 'none'})")
 
 
 def decide_all(d: Driver, cfg: CurateConfig, parallelism: int) -> None:
@@ -186,12 +200,18 @@ def perceptual(d: Driver, max_distance: int) -> None:
 def semantic(d: Driver, cfg: CurateConfig, modality: str, parallelism: int) -> None:
     """SemDeDup (``mmdata.curate.semantic``) over the candidates that have the modality."""
     from mmdata.curate.markers import is_done
-    from mmdata.curate.semantic import (TASK_BYTES, PartsClusterTask, SemShardTask, VectorSet, default_clusters,
-                                        group_clusters, run_parts_cluster_task, run_sem_shard_task, train_centroids)
+    from mmdata.curate.semantic import (
+        TASK_BYTES,
+        PartsClusterTask,
+        SemShardTask,
+        VectorSet,
+        default_clusters,
+        group_clusters,
+        run_parts_cluster_task,
+        run_sem_shard_task,
+        train_centroids,
+    )
 
-    if any(m not in d.build.modalities for m in (["image", "text"] if modality == "pair" else [modality])):
-        raise UserError(f"{d.build.url} has no {'image/text' if modality == 'pair' else modality} embeddings "
-                        f"(it has: {', '.join(d.build.modalities) or 'none'})")
     folder = f"{d.folder}/semantic_{modality}"
 
     def shard_tasks(step: str, **kw) -> list:

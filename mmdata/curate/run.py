@@ -2,16 +2,10 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import time
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from mmdata.version import __version__
 from mmdata.config import BuildConfig
 from mmdata.curate import decide
 from mmdata.curate.config import CurateConfig
@@ -23,6 +17,7 @@ from mmdata.errors import UserError
 from mmdata.layout import clear_output, is_mmdata_output
 from mmdata.records import Unit
 from mmdata.storage import OutputDir
+from mmdata.version import __version__
 
 SCRATCH = ".mmdata-curate"
 
@@ -98,6 +93,7 @@ def curate(build_url: str, out_url: str, cfg: CurateConfig) -> dict:
     if build_url.rstrip("/") == out_url.rstrip("/"):
         raise UserError("--out must differ from the build being curated")
     build = InputBuild(build_url)
+    decide.check(build, cfg)
     out = OutputDir(out_url)
     config = _engine_config(build, cfg, out_url)
     curate_hash = hashlib.sha256(json.dumps(cfg.content_dict(), sort_keys=True).encode()).hexdigest()[:16]
