@@ -175,10 +175,13 @@ def exact(d: Driver, cfg: CurateConfig) -> None:
 
     folder = f"{d.folder}/exact"
     save_npy(d.out, f"{folder}/offsets.npy", d.offsets)
+    from mmdata.curate.markers import read_mark
+
     for modality in ("image", "text", "audio"):
-        if modality in cfg.exact:
+        if modality in cfg.exact and sum(s["digests"].get(modality, 0) for s in d.scans):
             files = exact_tasks(d.out, folder, modality, d.shards, d.buckets, f"{d.folder}/cand", d.engine)
-            _apply(d, f"exact_{modality}", files)
+            if sum(read_mark(d.out, folder, f"exact_{modality}", f"{b:05d}")["duplicates"] for b in range(d.buckets)):
+                _apply(d, f"exact_{modality}", files)
 
 
 def perceptual(d: Driver, max_distance: int) -> None:
@@ -192,14 +195,15 @@ def perceptual(d: Driver, max_distance: int) -> None:
     folder = f"{d.folder}/phash"
     n = sum(r["n"] for r in d.tasks("phash_source", {"folder": folder, "buckets": buckets(d.rows)}))
     if n >= 2:
-        files, _ = rounds(d.out, folder, d.shards, d.rows, max_distance, d.engine)
-        d.count(d.tasks("apply", {"method": "phash", "files": files, "distance": True}))
+        files, stats = rounds(d.out, folder, d.shards, d.rows, max_distance, d.engine)
+        if stats["duplicates"]:
+            d.count(d.tasks("apply", {"method": "phash", "files": files, "distance": True}))
     d.out.remove(folder)
 
 
 def semantic(d: Driver, cfg: CurateConfig, modality: str, parallelism: int) -> None:
     """SemDeDup (``mmdata.curate.semantic``) over the candidates that have the modality."""
-    from mmdata.curate.markers import is_done
+    from mmdata.curate.markers import is_done, read_mark
     from mmdata.curate.semantic import (
         TASK_BYTES,
         PartsClusterTask,
@@ -249,7 +253,8 @@ def semantic(d: Driver, cfg: CurateConfig, modality: str, parallelism: int) -> N
     todo = [t for t in tasks if not is_done(d.out, folder, "cluster", f"{t.task:05d}")]
     if todo:
         d.engine.map_tasks(run_parts_cluster_task, todo, name="semdedup")
-    _apply(d, f"semantic_{modality}", [f"{folder}/result_{t.task:05d}.npy" for t in tasks])
+    if sum(read_mark(d.out, folder, "cluster", f"{t.task:05d}")["duplicates"] for t in tasks):
+        _apply(d, f"semantic_{modality}", [f"{folder}/result_{t.task:05d}.npy" for t in tasks])
 
 
 def write_plans(d: Driver, per_shard: int) -> tuple[list[str], dict]:

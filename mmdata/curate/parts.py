@@ -131,6 +131,8 @@ def _measure(task: ShardTask, out: OutputDir) -> dict:
     result = _scan(task, out)
     if not is_done(out, task.folder, "measure", task.shard):
         run_feature_task(task.args["features"])
+    result["digests"] = {m: int(open_rows(task.out, f"{task.folder}/exact/{m}/{task.shard}.npy").shape[0])
+                         for m in task.args["features"].exact}  # exact dedup skips a modality without any
     return result
 
 

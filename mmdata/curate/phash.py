@@ -133,7 +133,7 @@ def run_ident_task(task: IdentTask) -> dict:
             blocks.append(np.stack([bb, np.full(len(h), b, np.int64), v, h.view(np.int64), order[head], pos[head]]))
         rows = np.concatenate(blocks, axis=1)
         save_npy(out, f"{task.folder}/bandsrc_{task.bucket:05d}.npy", rows[:, np.argsort(rows[0], kind="stable")])
-    mark_done(out, task.folder, "ident", f"{task.bucket:05d}", {"distinct": int(head.sum())})
+    mark_done(out, task.folder, "ident", f"{task.bucket:05d}", {"distinct": int(head.sum()), "duplicates": int((~head).sum())})
     return {"distinct": int(head.sum())}
 
 
@@ -195,7 +195,7 @@ def run_near_task(task: NearTask) -> dict:
     best = best[:, np.lexsort((best[3], best[2], best[1]))]  # per duplicate: lowest distance, then best order
     head = np.concatenate([[True], best[1, 1:] != best[1, :-1]]) if best.shape[1] else np.zeros(0, bool)
     save_npy(out, f"{task.folder}/near_{task.bucket:05d}.npy", np.stack([best[1, head], best[4, head], best[2, head]]))
-    mark_done(out, task.folder, "near", f"{task.bucket:05d}")
+    mark_done(out, task.folder, "near", f"{task.bucket:05d}", {"duplicates": int(head.sum())})
     return {}
 
 
@@ -219,13 +219,15 @@ def rounds(out: OutputDir, folder: str, sources: list[str], rows: int, max_dista
     marks = run(run_ident_task, [IdentTask(out.url, folder, b, sources, max_distance, n_band) for b in range(n_hash)],
                 "phash-identical", "ident", lambda t: t.bucket)
     files = [f"{folder}/ident_{b:05d}.npy" for b in range(n_hash)]
-    stats = {"distinct": sum(m["distinct"] for m in marks), "tasks": 0, "pairs": 0}
+    stats = {"distinct": sum(m["distinct"] for m in marks), "tasks": 0, "pairs": 0,
+             "duplicates": sum(m["duplicates"] for m in marks)}
     if max_distance > 0 and stats["distinct"] > 1:
         marks = run(run_band_task, [BandTask(out.url, folder, t, max_distance, n_hash, n_hash) for t in range(n_band)],
                     "phash-bands", "band", lambda t: t.task)
         stats.update(tasks=n_band, pairs=sum(m["pairs"] for m in marks))
-        run(run_near_task, [NearTask(out.url, folder, b, n_band) for b in range(n_hash)], "phash-near", "near",
-            lambda t: t.bucket)
+        marks = run(run_near_task, [NearTask(out.url, folder, b, n_band) for b in range(n_hash)], "phash-near", "near",
+                    lambda t: t.bucket)
+        stats["duplicates"] += sum(m["duplicates"] for m in marks)
         files += [f"{folder}/near_{b:05d}.npy" for b in range(n_hash)]
     return files, stats
 

@@ -280,5 +280,5 @@ def run_parts_cluster_task(task: PartsClusterTask) -> dict:
     found = found[np.argsort(found[:, 0], kind="stable")]
     cos = (found[:, 2] / 1e6).astype(np.float32).astype(np.float64)
     save_npy(out, f"{task.folder}/result_{task.task:05d}.npy", np.stack([found[:, 0], found[:, 1], cos.view(np.int64)]))
-    mark_done(out, task.folder, "cluster", f"{task.task:05d}")
+    mark_done(out, task.folder, "cluster", f"{task.task:05d}", {"duplicates": int(len(found))})
     return {"task": task.task, "duplicates": int(len(found))}
