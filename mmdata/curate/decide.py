@@ -101,6 +101,9 @@ def decide_all(d: Driver, cfg: CurateConfig, parallelism: int) -> None:
         base = np.concatenate([[0], np.cumsum(n)]).tolist()
         results = d.tasks("decontaminate", {"decontaminate": decont, "n": int(sum(n))},
                           per_shard=[{"base": int(b)} for b in base[:-1]])
+        from mmdata.curate.parts import _EVAL
+
+        _EVAL.clear()  # the evaluation index, held here when the tasks ran in this process
     d.count(results)
     exact(d, cfg)
     if cfg.phash_max_distance is not None:
