@@ -77,7 +77,7 @@ def test_top_fraction_cut_splits_ties_by_key_order(view_build, tmp_path):
     """Scores from a handful of values (many exact ties, negative and zero ones too) written into the
     parts of a real build; for cuts inside a tie group, at its edge, near none and near all, the cut
     from the histogram passes keeps what one global sort keeps."""
-    from mmdata.curate import decide, parts
+    from mmdata.curate import parts, stages
     from mmdata.curate.inputs import InputBuild
     from mmdata.curate.run import SCRATCH, _engine_config, _features
     from mmdata.engines.base import get_engine
@@ -87,7 +87,7 @@ def test_top_fraction_cut_splits_ties_by_key_order(view_build, tmp_path):
     cfg = load_curate_config(workers=1)
     engine = get_engine(_engine_config(build, cfg, out.url))
     try:
-        d = decide.Driver(build, out, SCRATCH, engine)
+        d = stages.Driver(build, out, SCRATCH, engine)
         d.scan(_features(build, cfg, out, d.buckets))
         d.tasks("init", {"clip": True, "clip_min": None, "top": True},
                 per_shard=[{"ranked": i in d.ranked} for i in range(len(d.shards))])
@@ -111,7 +111,7 @@ def test_top_fraction_cut_splits_ties_by_key_order(view_build, tmp_path):
         wanted = {"inside a tie group": first + 2, "at its edge": len(top), "one": 1, "all but one": n - 1, "all": n}
         for label, keep in wanted.items():
             fraction = (keep - 0.5) / n
-            cut = decide._top_cut(d, fraction, n)
+            cut = stages._top_cut(d, fraction, n)
             kept = every[: math.ceil(fraction * n)]
             assert len(kept) == keep
             if cut is None:

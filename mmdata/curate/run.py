@@ -7,7 +7,7 @@ import os
 import time
 
 from mmdata.config import BuildConfig
-from mmdata.curate import decide
+from mmdata.curate import stages
 from mmdata.curate.config import CurateConfig
 from mmdata.curate.features import FeatureTask
 from mmdata.curate.inputs import InputBuild
@@ -93,7 +93,7 @@ def curate(build_url: str, out_url: str, cfg: CurateConfig) -> dict:
     if build_url.rstrip("/") == out_url.rstrip("/"):
         raise UserError("--out must differ from the build being curated")
     build = InputBuild(build_url)
-    decide.check(build, cfg)
+    stages.check(build, cfg)
     out = OutputDir(out_url)
     config = _engine_config(build, cfg, out_url)
     curate_hash = hashlib.sha256(json.dumps(cfg.content_dict(), sort_keys=True).encode()).hexdigest()[:16]
@@ -105,10 +105,10 @@ def curate(build_url: str, out_url: str, cfg: CurateConfig) -> dict:
         engine.keep_pool()
     try:
         if not is_done(out, SCRATCH, "decide", "all"):
-            driver = decide.Driver(build, out, SCRATCH, engine)
+            driver = stages.Driver(build, out, SCRATCH, engine)
             driver.scan(_features(build, cfg, out, driver.buckets))
-            decide.decide_all(driver, cfg, engine.parallelism)
-            names, removed = decide.write_plans(driver, config.samples_per_shard)
+            stages.decide_all(driver, cfg, engine.parallelism)
+            names, removed = stages.write_plans(driver, config.samples_per_shard)
             mark_done(out, SCRATCH, "decide", "all", {"names": names, "removed": removed, "rows": driver.rows})
             del driver
         decided = read_mark(out, SCRATCH, "decide", "all")
