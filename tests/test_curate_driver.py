@@ -33,7 +33,8 @@ def jpeg(im, quality=90):
 
 @pytest.fixture(scope="module")
 def view_build(tmp_path_factory):
-    """Five photos and a low-quality copy of each, one augmented view each, three rows per shard:
+    """Five photos and a low-quality copy of each, an exact copy of one (image and caption), one
+    augmented view each, three rows per shard:
     ``u_camera_v01`` sits in the shard of ``u_camera`` though ``u_camera_a`` (next shard) sorts before it."""
     root = tmp_path_factory.mktemp("drv_in")
     for name in ("chelsea.png", "coffee.png", "moon.png", "rocket.jpg", "camera.png"):
@@ -43,6 +44,8 @@ def view_build(tmp_path_factory):
         (root / f"{stem}.txt").write_text(PHOTOS[name][1])
         (root / f"{stem}_a.jpg").write_bytes(jpeg(im.resize((im.width // 2, im.height // 2), Image.LANCZOS), 50))
         (root / f"{stem}_a.txt").write_text(f"another photo: {PHOTOS[name][1]}")
+    (root / "u_moon_copy.jpg").write_bytes((root / "u_moon.jpg").read_bytes())  # an exact copy, caption too
+    (root / "u_moon_copy.txt").write_text(PHOTOS["moon.png"][1])
     augment = {"image": [{"op": "horizontal_flip", "p": 1.0}], "text": [{"op": "template", "p": 1.0, "templates": ["{}"]}]}
     out = tmp_path_factory.mktemp("drv_build")
     run_build(root, out, workers=1, image_size=64, augment=augment, views=1, samples_per_shard=3, **MODEL)
@@ -157,3 +160,25 @@ def test_driver_peak_does_not_grow_with_rows(tmp_path):
                       for f in glob.glob(f"{tmp_path}/c{n}/shards/*.parquet"))
         assert removed > n // 3  # 1,728 distinct captions: many rows are exact duplicates
     assert peaks[8000] - peaks[2000] < 250 * 6000, peaks
+
+
+def test_remote_output_decides_as_a_local_one(view_build, tmp_path):
+    """Into an fsspec memory:// folder (scratch files rewritten between rounds are read afresh, not
+    from a cached copy): the same decisions as a local curation."""
+    def table(out):
+        found = {}
+        for rel in out.glob("shards/*.parquet"):
+            t = pq.read_table(io.BytesIO(out.read_bytes(rel))).to_pydict()
+            found.update((k, (s, r, d)) for k, s, r, d in zip(t["key"], t["status"], t["reason"], t["duplicate_score"]))
+        return found
+
+    options = dict(workers=1, samples_per_shard=2, clip_top_fraction=0.9, semantic=["image"], semantic_eps=0.3)
+    curate(view_build, str(tmp_path / "local"), load_curate_config(**options))
+    curate(view_build, "memory://curdriver-remote", load_curate_config(**options))
+    local, remote = table(OutputDir(str(tmp_path / "local"))), table(OutputDir("memory://curdriver-remote"))
+    assert remote == local and sum(s != "written" for s, _, _ in local.values()) >= 3
+    assert any(r.startswith("duplicate:semantic_image:") for _, r, _ in local.values())
+    # removed by the image round, so not a candidate of the text round (its kept key: the sample that stays)
+    assert local["u_moon_copy"][1].startswith("duplicate:exact_image:")
+    kept = local["u_moon_copy"][1].rpartition(":")[2]
+    assert local[kept][0] == "written"

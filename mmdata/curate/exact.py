@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mmdata.curate.markers import is_done, mark_done
-from mmdata.curate.vectors import load_npy, open_rows, save_npy
+from mmdata.curate.vectors import load_npy, open_scratch, save_npy
 from mmdata.storage import OutputDir
 
 BUCKET_ROWS = 1 << 21  # candidates per bucket task, about (48 bytes each)
@@ -68,12 +68,12 @@ def run_exact_task(task: ExactTask) -> dict:
         rel = f"{task.folder}/{task.modality}/{shard}.npy"
         if not out.exists(rel):
             continue
-        rows = open_rows(task.out, rel)
+        rows = open_scratch(task.out, rel)
         lo, hi = np.searchsorted(rows[:, 0], [task.bucket, task.bucket + 1])
         if hi > lo:
             mine = np.array(rows[lo:hi])
             pos = offsets[i] + mine[:, 1]
-            r = np.asarray(open_rows(task.out, f"{task.cand}/{shard}.npy")[mine[:, 1]])
+            r = np.asarray(open_scratch(task.out, f"{task.cand}/{shard}.npy")[mine[:, 1]])
             keep = r >= 0
             parts.append(np.column_stack([mine[keep, 2:], r[keep], pos[keep]]))
     found = np.concatenate(parts) if parts else np.zeros((0, 6), np.int64)

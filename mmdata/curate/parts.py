@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mmdata.curate.vectors import load_npy, open_rows, save_npy
+from mmdata.curate.vectors import load_npy, open_rows, open_scratch, save_npy
 from mmdata.storage import OutputDir
 
 BUILD_COLUMNS = ["key", "status", "reason", "row", "orig_width", "orig_height", "view_of"]
@@ -131,7 +131,7 @@ def _measure(task: ShardTask, out: OutputDir) -> dict:
     result = _scan(task, out)
     if not is_done(out, task.folder, "measure", task.shard):
         run_feature_task(task.args["features"])
-    result["digests"] = {m: int(open_rows(task.out, f"{task.folder}/exact/{m}/{task.shard}.npy").shape[0])
+    result["digests"] = {m: int(open_scratch(task.out, f"{task.folder}/exact/{m}/{task.shard}.npy").shape[0])
                          for m in task.args["features"].exact}  # exact dedup skips a modality without any
     return result
 
@@ -407,7 +407,7 @@ def _apply(task: ShardTask, out: OutputDir) -> dict:
     part = read_part(out, task.folder, task.shard)
     n = len(part["pos"])
     for rel in task.args["files"]:
-        res = open_rows(task.out, rel)
+        res = open_scratch(task.out, rel)
         lo, hi = np.searchsorted(res[0], [task.offset, task.offset + n])
         if hi <= lo:
             continue
@@ -449,7 +449,7 @@ def _lookup(out: OutputDir, folder: str, name: str, shards: list[str], offsets: 
     where = shard_of(offsets, positions)
     for s in np.unique(where).tolist():
         sel = np.flatnonzero(where == s)
-        vals = np.asarray(open_rows(out.url, f"{folder}/{name}/{shards[s]}.npy")[positions[sel] - offsets[s]])
+        vals = np.asarray(open_scratch(out.url, f"{folder}/{name}/{shards[s]}.npy")[positions[sel] - offsets[s]])
         if result is None:
             result = np.empty(len(positions), dtype=vals.dtype) if vals.dtype.kind != "S" else np.empty(len(positions), dtype=object)
         result[sel] = vals

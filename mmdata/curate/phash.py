@@ -83,9 +83,9 @@ def _mix(v: np.ndarray) -> np.ndarray:
 
 def _slice(out: OutputDir, rel: str, bucket: int) -> np.ndarray:
     """The columns of the rows of ``rel`` (rows sorted by their first value, the bucket) in ``bucket``."""
-    from mmdata.curate.vectors import open_rows
+    from mmdata.curate.vectors import open_scratch
 
-    rows = open_rows(out.url, rel)
+    rows = open_scratch(out.url, rel)
     lo, hi = np.searchsorted(rows[0], [bucket, bucket + 1])
     return np.array(rows[:, lo:hi])
 

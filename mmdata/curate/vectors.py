@@ -93,6 +93,15 @@ def open_rows(url: str, rel: str) -> np.ndarray:
     return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
+def open_scratch(url: str, rel: str) -> np.ndarray:
+    """A scratch array of a curation, memory-mapped on a local output; on a remote one read whole
+    each time (scratch files are rewritten between rounds: no cached copy)."""
+    out = OutputDir(url)
+    if out.local:
+        return np.load(out.path(rel), mmap_mode="r", allow_pickle=False)
+    return load_npy(out, rel)
+
+
 def _npy(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
