@@ -1,12 +1,14 @@
 """Semantic dedup (SemDeDup) at scale: synthetic clustered embeddings with planted near-duplicates.
 
-Writes N x 512 float16 embeddings (default 200,000; MMDATA_BENCH_CURATE_N=1000000 for the issue's
-size) as per-shard ``.npy`` files, the way a build stores them: points scattered around 1,000 centres
-(two points of one centre have cosine about 0.5), and 1 % of them followed by a planted near-duplicate
-(cosine about 0.9987). ``mmdata.curate.semantic.semantic_dedup`` (k-means, then pairwise cosine per
-cluster, eps 0.01) runs in a child process, so its peak RSS is measured alone (RUSAGE_CHILDREN of a
-small wrapper). Prints precision and recall of the planted pairs (target ≥ 0.95 each), wall time, and
-the peak RSS against 2 GiB.
+Writes a build of N rows (default 200,000; MMDATA_BENCH_CURATE_N=1000000 for the issue's size): per
+shard of 50,000 rows a table, a tar of one-byte members and 512-d float16 image embeddings: points
+scattered around 1,000 centres (two points of one centre have cosine about 0.5), and 1 % of them
+followed by a planted near-duplicate (cosine about 0.9987). Then ``mmdata curate`` with SemDeDup on the
+image embeddings only (eps 0.01, 2 workers: the per-shard assign tasks and the cluster tasks curate
+runs) in a fresh process, and scores precision and recall of the planted pairs from the curated
+ledger (``duplicate:semantic_image:<kept key>``; target ≥ 0.95 each). Prints wall time and the peak
+RSS of the driver (its VmHWM) and of the largest worker (its VmHWM, read while it runs: ``ru_maxrss``
+of a spawned worker carries its parent's peak) against 2 GiB.
 
 Then the driver's memory of a whole ``mmdata curate`` at several sizes (default 10,000 and 50,000
 rows; ``--driver-sizes 10000,50000,200000`` or ``MMDATA_BENCH_CURATE_DRIVER`` for more): a real build of
@@ -22,6 +24,7 @@ bytes per spanned row.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -37,33 +40,38 @@ CENTRES = 1000
 DUP_NOISE = 0.05
 EPS = 0.01
 
-CHILD = """
-import sys, numpy as np
-from mmdata.curate.semantic import semantic_dedup
-from mmdata.curate.vectors import VectorSet
-from mmdata.storage import OutputDir
-root, n_shards, rows = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-sizes = [np.load(f"{root}/emb/{i:05d}.npy", mmap_mode="r").shape[0] for i in range(n_shards)]
-parts = [{"url": root, "rels": [f"emb/{i:05d}.npy"]} for i in range(n_shards)]
-part = np.concatenate([np.full(s, i, np.int64) for i, s in enumerate(sizes)])
-row = np.concatenate([np.arange(s, dtype=np.int64) for s in sizes])
-dup, kept, cos = semantic_dedup(VectorSet(parts, part, row), float(sys.argv[4]), out=OutputDir(root), folder="scratch")
-np.save(f"{root}/result.npy", np.stack([dup, kept]))
+SEMANTIC = """
+import json, resource, sys, time
+from mmdata.curate import curate, load_curate_config
+if __name__ == "__main__":
+    t = time.perf_counter()
+    cfg = load_curate_config(workers=2, overwrite=True, exact=[], phash_max_distance=-1, semantic=["image"],
+                             semantic_eps=float(sys.argv[3]))
+    m = curate(sys.argv[1], sys.argv[2], cfg)
+    hwm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    print(json.dumps({"wall": time.perf_counter() - t, "driver": hwm, "counts": m["counts"],
+                      "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))
 """
 
-WRAPPER = ("import resource, subprocess, sys\n"
-           "p = subprocess.run([sys.executable, '-c', sys.argv[1], *sys.argv[2:]])\n"
-           "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)\n"
-           "sys.exit(p.returncode)\n")
 
+def write_build(root: str, n: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A finished build at ``root`` that ``mmdata curate`` reads: per shard of ``ROWS_PER_SHARD`` rows a
+    table (keys ``k000000000``… in key order, every row written), a tar (one 1-byte member per sample)
+    and ``embeddings/image/<shard>.npy`` (float16); ``shards/sizes.json`` and a manifest. Returns the
+    planted pairs (global position of the original, of its near-duplicate)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-def write_corpus(root: str, n: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Shards of float16 rows; returns the planted pairs (global original, global duplicate)."""
+    from mmdata.config import BuildConfig
+    from mmdata.schema import SHARD_SCHEMA
+    from mmdata.writers.tar import write_tar
+
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((CENTRES, dim)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    os.makedirs(f"{root}/emb", exist_ok=True)
-    src, dst, start, shard = [], [], 0, 0
+    for sub in ("shards", "embeddings/image"):
+        os.makedirs(f"{root}/{sub}", exist_ok=True)
+    src, dst, sizes, start, shard = [], [], {}, 0, 0
     while start < n:
         m = min(ROWS_PER_SHARD, n - start)
         x = centres[rng.integers(0, CENTRES, m)] + rng.standard_normal((m, dim)).astype(np.float32) / np.sqrt(dim)
@@ -73,11 +81,109 @@ def write_corpus(root: str, n: int, dim: int, seed: int) -> tuple[np.ndarray, np
         a, b = picks[:n_dup], picks[n_dup:]
         x[b] = x[a] + DUP_NOISE * rng.standard_normal((n_dup, dim)).astype(np.float32) / np.sqrt(dim)
         x[b] /= np.linalg.norm(x[b], axis=1, keepdims=True)
-        np.save(f"{root}/emb/{shard:05d}.npy", x.astype(np.float16))
+        name = f"{shard:05d}"
+        np.save(f"{root}/embeddings/image/{name}.npy", x.astype(np.float16))
+        keys = [f"k{start + i:09d}" for i in range(m)]
+        given = {"key": keys, "id": np.arange(start, start + m), "status": ["written"] * m, "warnings": [[]] * m,
+                 "row": np.arange(m, dtype=np.int32), "source_bytes": np.ones(m, np.int64)}
+        pq.write_table(pa.table([pa.array(given[f.name], f.type) if f.name in given else pa.nulls(m, f.type)
+                                 for f in SHARD_SCHEMA], schema=SHARD_SCHEMA), f"{root}/shards/{name}.parquet")
+        with open(f"{root}/shards/{name}.tar", "wb") as fh:
+            write_tar(fh, ((k, {"txt": b"x"}) for k in keys))
+        sizes[f"{name}.tar"] = m
         src.append(a + start)
         dst.append(b + start)
         start, shard = start + m, shard + 1
-    return np.concatenate(src), np.concatenate(dst), shard
+    config = BuildConfig(input=root, out=root, samples_per_shard=ROWS_PER_SHARD, index=False, report=False)
+    with open(f"{root}/shards/sizes.json", "w") as fh:
+        json.dump(sizes, fh)
+    with open(f"{root}/manifest.json", "w") as fh:
+        json.dump({"config": config.model_dump(mode="json"), "config_hash": config.config_hash,
+                   "counts": {"records": n, "inputs": n, "written": n, "filtered": 0, "failed": 0},
+                   "embeddings": {"modalities": ["image"]}, "finished": "synthetic"}, fh)
+    return np.concatenate(src), np.concatenate(dst)
+
+
+def _descendants(pid: int) -> list[int]:
+    parent = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    parent[int(entry)] = int(fh.read().rpartition(")")[2].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        found += kids
+        todo += kids
+    return found
+
+
+def _hwm(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return 0
+
+
+def run_watched(cmd: list[str], env: dict) -> tuple[subprocess.CompletedProcess, int]:
+    """Run ``cmd``; return its result and the largest VmHWM of its descendants (the engine's workers),
+    read every 0.2 s: a worker's own peak, not what ``ru_maxrss`` inherits across fork and exec."""
+    import threading
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    peaks: dict[int, int] = {}
+
+    def watch():
+        while proc.poll() is None:
+            for pid in _descendants(proc.pid):
+                peaks[pid] = max(peaks.get(pid, 0), _hwm(pid))
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    stdout, stderr = proc.communicate()
+    watcher.join()
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr), max(peaks.values(), default=0)
+
+
+def semantic_bench(root: str, n: int, dim: int) -> None:
+    """SemDeDup as ``mmdata curate`` runs it, on a synthetic build; scored from the curated ledger."""
+    import glob
+
+    import pyarrow.parquet as pq
+
+    started = time.perf_counter()
+    src, dst = write_build(f"{root}/semantic_build", n, dim, seed=0)
+    print(f"{n:,} x {dim} float16 embeddings written as a build in {time.perf_counter() - started:.0f} s; "
+          f"{len(src):,} planted near-duplicate pairs, eps {EPS}")
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "HF_HUB_OFFLINE": "1"}
+    proc, worker = run_watched([sys.executable, "-c", SEMANTIC, f"{root}/semantic_build", f"{root}/semantic_out", str(EPS)], env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"curate --semantic image failed: {proc.stderr[-2000:]}")
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    prefix = "duplicate:semantic_image:"
+    found = set()
+    for path in sorted(glob.glob(f"{root}/semantic_out/shards/*.parquet")):
+        t = pq.read_table(path, columns=["key", "reason"]).to_pydict()
+        found |= {tuple(sorted((k, r[len(prefix):]))) for k, r in zip(t["key"], t["reason"]) if r and r.startswith(prefix)}
+    planted = {tuple(sorted((f"k{a:09d}", f"k{b:09d}"))) for a, b in zip(src.tolist(), dst.tolist())}
+    hits = len(planted & found)
+    precision, recall = hits / max(1, len(found)), hits / max(1, len(planted))
+    c = res["counts"]
+    print(f"mmdata curate --semantic image (2 workers): {c['inputs']:,} in, {c['written']:,} kept, "
+          f"{len(found):,} semantic duplicates: precision {precision:.4f}, recall {recall:.4f} "
+          f"(target >= 0.95 each: {'met' if min(precision, recall) >= 0.95 else 'NOT met'})")
+    print(f"wall time: {res['wall']:.1f} s ({n / res['wall']:,.0f} rows/s, the curated build written included)")
+    print(f"peak RSS: driver {res['driver'] / 2**20:.0f} MiB = {res['driver'] / LIMIT:.3f} x the 2 GiB limit; "
+          f"largest worker {worker / 2**20:.0f} MiB = {worker / LIMIT:.3f} x (its VmHWM; the driver's "
+          f"RUSAGE_CHILDREN, which counts what a worker inherits across fork and exec: {res['children'] / 2**20:.0f} MiB)")
+    shutil.rmtree(f"{root}/semantic_build", ignore_errors=True)
+    shutil.rmtree(f"{root}/semantic_out", ignore_errors=True)
 
 
 DRIVER = """
@@ -193,7 +299,7 @@ def driver_memory(root: str, sizes: list[int]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=int(os.environ.get("MMDATA_BENCH_CURATE_N", 200_000)))
+    ap.add_argument("--n", type=int, default=int(os.environ.get("MMDATA_BENCH_CURATE_N", "200000")))
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--out", default="bench_out/curate")
     ap.add_argument("--driver-sizes", default=os.environ.get("MMDATA_BENCH_CURATE_DRIVER", "10000,50000"),
@@ -204,25 +310,7 @@ def main() -> None:
     root = os.path.abspath(args.out)
     os.makedirs(root, exist_ok=True)
     if not args.driver_only:
-        src, dst, n_shards = write_corpus(root, args.n, args.dim, seed=0)
-        started = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", WRAPPER, CHILD, root, str(n_shards), str(ROWS_PER_SHARD), str(EPS)],
-                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
-        wall = time.perf_counter() - started
-        if proc.returncode != 0:
-            raise RuntimeError(f"semantic dedup failed: {proc.stderr[-2000:]}")
-        peak = int(proc.stdout.strip().splitlines()[-1])
-        dup, kept = np.load(f"{root}/result.npy")
-        planted = {(int(a), int(b)) for a, b in zip(src, dst)}
-        found = {(min(int(a), int(b)), max(int(a), int(b))) for a, b in zip(dup, kept)}
-        planted = {(min(a, b), max(a, b)) for a, b in planted}
-        hits = len(planted & found)
-        precision, recall = hits / max(1, len(found)), hits / max(1, len(planted))
-        print(f"{args.n:,} x {args.dim} float16 embeddings, {len(planted):,} planted near-duplicate pairs, eps {EPS}")
-        print(f"removed {len(found):,}: precision {precision:.4f}, recall {recall:.4f} (target >= 0.95 each: "
-              f"{'met' if min(precision, recall) >= 0.95 else 'NOT met'})")
-        print(f"wall time: {wall:.1f} s ({args.n / wall:,.0f} vectors/s)")
-        print(f"peak RSS of the dedup process: {peak / 2**20:.0f} MiB = {peak / LIMIT:.3f} x the 2 GiB limit")
+        semantic_bench(root, args.n, args.dim)
     sizes = [int(v) for v in args.driver_sizes.split(",") if v]
     if sizes:
         driver_memory(root, sizes)

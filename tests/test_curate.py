@@ -20,10 +20,8 @@ from typer.testing import CliRunner
 from conftest import run_build
 from mmdata.cli.main import app
 from mmdata.curate import curate, load_curate_config
-from mmdata.curate.semantic import dedup_cluster, semantic_dedup
-from mmdata.curate.vectors import VectorSet
+from mmdata.curate.semantic import dedup_cluster
 from mmdata.errors import UserError
-from mmdata.storage import OutputDir
 from mmdata.tools.verify import verify_output
 from pipelines.demo_corpus import PHOTOS, skimage_photo
 
@@ -242,9 +240,38 @@ def test_same_bytes_on_every_engine_and_worker_count(image_build, tmp_path):
         assert m["counts"] == json.load(open(outs["local1"] / "manifest.json"))["counts"]
 
 
+def vectors_build(root, x):
+    """A finished build of one shard whose samples are the rows of ``x`` as image embeddings (keys
+    ``v00000``… in key order, a one-byte member each): what ``mmdata curate --semantic image`` reads."""
+    import pyarrow as pa
+
+    from mmdata.config import BuildConfig
+    from mmdata.schema import SHARD_SCHEMA
+    from mmdata.writers.tar import write_tar
+
+    n = len(x)
+    keys = [f"v{i:05d}" for i in range(n)]
+    (root / "shards").mkdir(parents=True)
+    (root / "embeddings" / "image").mkdir(parents=True)
+    np.save(root / "embeddings" / "image" / "00000.npy", x.astype(np.float32))
+    given = {"key": keys, "id": np.arange(n), "status": ["written"] * n, "warnings": [[]] * n,
+             "row": np.arange(n, dtype=np.int32), "source_bytes": np.ones(n, np.int64)}
+    pq.write_table(pa.table([pa.array(given[f.name], f.type) if f.name in given else pa.nulls(n, f.type)
+                             for f in SHARD_SCHEMA], schema=SHARD_SCHEMA), root / "shards" / "00000.parquet")
+    with open(root / "shards" / "00000.tar", "wb") as fh:
+        write_tar(fh, ((k, {"txt": b"x"}) for k in keys))
+    (root / "shards" / "sizes.json").write_text(json.dumps({"00000.tar": n}))
+    config = BuildConfig(input=str(root), out=str(root), samples_per_shard=n, index=False, report=False)
+    (root / "manifest.json").write_text(json.dumps({
+        "config": config.model_dump(mode="json"), "config_hash": config.config_hash,
+        "counts": {"records": n, "inputs": n, "written": n, "filtered": 0, "failed": 0},
+        "embeddings": {"modalities": ["image"]}}))
+    return keys
+
+
 def test_semantic_dedup_on_clustered_vectors(tmp_path):
-    """Planted near-duplicates among clustered vectors are found and name their original; no other
-    vector is removed; the rule keeps the member nearest its centre."""
+    """Planted near-duplicates among clustered vectors are found by `mmdata curate --semantic image`
+    and their ledger names their original; no other vector is removed."""
     rng = np.random.default_rng(1)
     n, d = 3000, 32
     centres = rng.standard_normal((12, d))
@@ -253,13 +280,20 @@ def test_semantic_dedup_on_clustered_vectors(tmp_path):
     src, dst = np.arange(0, 100), np.arange(n - 100, n)
     x[dst] = x[src] + 0.003 * rng.standard_normal((100, d))
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    (tmp_path / "e").mkdir()
-    np.save(tmp_path / "e" / "x.npy", x.astype(np.float32))
-    vs = VectorSet([{"url": str(tmp_path / "e"), "rels": ["x.npy"]}], np.zeros(n, np.int64), np.arange(n))
-    dup, kept, cos = semantic_dedup(vs, 0.001, out=OutputDir(str(tmp_path / "s")), folder="scratch", n_clusters=10)
-    assert {frozenset(p) for p in zip(dup.tolist(), kept.tolist())} == {frozenset(p) for p in zip(src, dst)}
-    assert (cos >= 0.999).all()
-    # within a group, the sample kept is the one ranked first; chains name the first
+    keys = vectors_build(tmp_path / "b", x)
+    m = curate(str(tmp_path / "b"), str(tmp_path / "c"), load_curate_config(
+        workers=1, exact=[], phash_max_distance=-1, semantic=["image"], semantic_eps=0.001, semantic_clusters=10))
+    assert m["counts"]["inputs"] == n and m["counts"]["written"] == n - 100
+    t = pq.read_table(tmp_path / "c" / "shards" / "00000.parquet").to_pydict()
+    removed = [(k, r, s, o) for k, r, s, o in zip(t["key"], t["reason"], t["duplicate_score"], t["duplicate_of"])
+               if r is not None]
+    assert all(r == f"duplicate:semantic_image:{o}" for _, r, _, o in removed)
+    assert {frozenset((k, o)) for k, _, _, o in removed} == {frozenset((keys[a], keys[b])) for a, b in zip(src, dst)}
+    assert all(s >= 0.999 for _, _, s, _ in removed)
+
+
+def test_dedup_cluster_keeps_the_first_ranked():
+    """Within a group, the sample kept is the one ranked first; chains name the first."""
     rows_ = np.stack([[1, 0], [0.99999, 0.0045], [0.9999, 0.014]]).astype(np.float32)
     rows_ /= np.linalg.norm(rows_, axis=1, keepdims=True)
     d_, k_, _ = dedup_cluster(rows_, 0.9999)

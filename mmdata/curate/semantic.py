@@ -1,7 +1,8 @@
-"""SemDeDup: semantic near-duplicates within k-means clusters of the embeddings.
+"""SemDeDup: semantic near-duplicates within k-means clusters of the embeddings; the steps that
+``mmdata.curate.semantic_tasks`` runs as engine tasks over a curation's per-shard files.
 
 1. k-means (FAISS, spherical) on a seeded sample of at most ``train_size`` vectors;
-2. every vector goes to its nearest centre (streamed, 8 bytes kept per vector);
+2. every vector goes to its nearest centre (``search``, in chunks of the global candidate order);
 3. clusters are grouped into tasks that the engine runs independently: a task reads only its
    clusters' vectors, so memory is bounded by the largest task, not the corpus;
 4. within a cluster, members are ranked by the keep rule (``nearest``: highest cosine to the centre
@@ -13,13 +14,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
-from mmdata.curate.markers import is_done, mark_done
-from mmdata.curate.vectors import VectorSet, load_npy, save_npy
-from mmdata.storage import OutputDir
+from mmdata.curate.vectors import VectorSet
 
 BLOCK = 1024  # rows of the similarity matrix computed at once (memory: BLOCK x cluster size floats)
 TASK_BYTES = 256 * 2**20  # float32 vectors one cluster task holds, about (a cluster bigger than this is one task)
@@ -44,20 +42,6 @@ def train_centroids(vectors: VectorSet, k: int, train_size: int, seed: int) -> n
     centres = km.centroids.astype(np.float32)
     centres /= np.maximum(np.linalg.norm(centres, axis=1, keepdims=True), 1e-12)
     return centres
-
-
-def assign(vectors: VectorSet, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(cluster of each candidate, its cosine to that centre), streamed in chunks."""
-    import faiss
-
-    index = faiss.IndexFlatIP(centres.shape[1])
-    index.add(centres)
-    cluster = np.empty(len(vectors), dtype=np.int32)
-    sim = np.empty(len(vectors), dtype=np.float32)
-    for idx, x in vectors.chunks():
-        d, i = index.search(np.ascontiguousarray(x), 1)
-        cluster[idx], sim[idx] = i[:, 0], d[:, 0]
-    return cluster, sim
 
 
 def group_clusters(sizes: np.ndarray, n_tasks: int) -> list[list[int]]:
@@ -97,32 +81,6 @@ def dedup_cluster(x: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarr
     return rows, kept[rows], best_sim[rows]
 
 
-@dataclass
-class ClusterTask:
-    """One engine task: SemDeDup of the clusters ``clusters`` of the set saved under ``folder``."""
-
-    out: str
-    folder: str
-    task: int
-    clusters: list[int]
-    threshold: float
-    keep: str
-
-
-def run_cluster_task(task: ClusterTask) -> dict:
-    """Dedup the task's clusters; write ``result_<task>.npy`` (duplicate, kept, cosine*1e6 as int64). Idempotent."""
-    out = OutputDir(task.out)
-    rel = f"{task.folder}/result_{task.task:05d}.npy"
-    vectors = VectorSet.load(out, task.folder)
-    cluster = load_npy(out, f"{task.folder}/cluster.npy")
-    sim = load_npy(out, f"{task.folder}/centre_sim.npy")
-    mine = np.flatnonzero(np.isin(cluster, np.asarray(task.clusters, dtype=np.int32)))
-    result = _dedup_members(task.clusters, cluster[mine], sim[mine], mine, vectors.take(mine), task.threshold, task.keep)
-    save_npy(out, rel, result.astype(np.int64))
-    mark_done(out, task.folder, "cluster", f"{task.task:05d}")
-    return {"task": task.task, "duplicates": int(len(result))}
-
-
 def _dedup_members(clusters: list[int], cluster: np.ndarray, sim: np.ndarray, ids: np.ndarray, x_all: np.ndarray,
                    threshold: float, keep: str) -> np.ndarray:
     """SemDeDup of the members (``ids``, in candidate order, with their cluster, centre cosine and
@@ -141,39 +99,7 @@ def _dedup_members(clusters: list[int], cluster: np.ndarray, sim: np.ndarray, id
     return np.concatenate(found) if found else np.zeros((0, 3), dtype=np.int64)
 
 
-def semantic_dedup(vectors: VectorSet, eps: float, *, out: OutputDir, folder: str, engine=None,
-                   n_clusters: int | None = None, keep: str = "nearest", train_size: int = 100_000,
-                   seed: int = 0, parallelism: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """SemDeDup over ``vectors``: (duplicate candidates, the candidate kept for each, cosine), sorted.
-
-    Scratch files go under ``out/folder``; ``engine.map_tasks`` runs the cluster tasks (here without one).
-    """
-    n = len(vectors)
-    if n < 2:
-        return (np.zeros(0, np.int64),) * 2 + (np.zeros(0, np.float32),)
-    centres = train_centroids(vectors, n_clusters or default_clusters(n), train_size, seed)
-    cluster, sim = assign(vectors, centres)
-    vectors.save(out, folder)
-    save_npy(out, f"{folder}/cluster.npy", cluster)
-    save_npy(out, f"{folder}/centre_sim.npy", sim)
-    sizes = np.bincount(cluster, minlength=len(centres))
-    n_tasks = max(4 * max(1, parallelism), math.ceil(n * vectors.dim() * 4 / TASK_BYTES))
-    groups = group_clusters(sizes, n_tasks)
-    tasks = [ClusterTask(out.url, folder, t, g, 1.0 - eps, keep) for t, g in enumerate(groups)]
-    todo = [t for t in tasks if not is_done(out, folder, "cluster", f"{t.task:05d}")]  # a resumed run skips done ones
-    if engine is None:
-        for task in todo:
-            run_cluster_task(task)
-    elif todo:
-        engine.map_tasks(run_cluster_task, todo, name="semdedup")
-    parts = [load_npy(out, f"{folder}/result_{t.task:05d}.npy") for t in tasks]
-    result = np.concatenate(parts) if parts else np.zeros((0, 3), np.int64)
-    result = result[np.argsort(result[:, 0], kind="stable")]
-    return result[:, 0], result[:, 1], (result[:, 2] / 1e6).astype(np.float32)
-
-
-
-SEARCH_CHUNK = 65536  # candidates searched at once when assigning, as ``assign`` does
+SEARCH_CHUNK = 65536  # candidates searched at once when assigning (chunks of the global candidate order)
 BLAS_ROWS = 20  # faiss's distance_compute_blas_threshold: fewer queries are searched without BLAS
 
 

@@ -55,7 +55,7 @@ def run_sem_shard_task(task: SemShardTask) -> dict:
     cluster = np.zeros(len(rows), dtype=np.int32)
     sim = np.zeros(len(rows), dtype=np.float32)
     chunk = (task.base + np.arange(len(rows))) // SEARCH_CHUNK
-    for c in np.unique(chunk).tolist():  # the rows of one of assign's chunks, searched as it would
+    for c in np.unique(chunk).tolist():  # the rows of one chunk of the global candidate order, searched as one batch
         sel = np.flatnonzero(chunk == c)
         x = vectors_of(task.build, task.shard, task.modality, rows[sel])
         d, i = search(index, x, blas=min(SEARCH_CHUNK, task.n - c * SEARCH_CHUNK) >= BLAS_ROWS)
