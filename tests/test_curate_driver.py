@@ -57,7 +57,7 @@ def shard_keys(out):
 
 
 def test_key_order_where_shard_key_ranges_overlap(view_build, tmp_path):
-    from mmdata.curate.parts import rank_groups
+    from mmdata.curate.keyrank import rank_groups
 
     keys = shard_keys(view_build)
     scans = [{"rows": len(k), "low": min(k), "high": max(k), "sorted": k == sorted(k)} for k in keys if k]
@@ -80,7 +80,7 @@ def test_top_fraction_cut_splits_ties_by_key_order(view_build, tmp_path):
     """Scores from a handful of values (many exact ties, negative and zero ones too) written into the
     parts of a real build; for cuts inside a tie group, at its edge, near none and near all, the cut
     from the histogram passes keeps what one global sort keeps."""
-    from mmdata.curate import parts, stages
+    from mmdata.curate import filters, parts, stages
     from mmdata.curate.inputs import InputBuild
     from mmdata.curate.run import SCRATCH, _engine_config, _features
     from mmdata.engines.base import get_engine
@@ -104,8 +104,8 @@ def test_top_fraction_cut_splits_ties_by_key_order(view_build, tmp_path):
                 if part["clip_score"][p] is not None:
                     every.append((-part["clip_score"][p], int(part["rank"][p])))
             parts.write_part(out, SCRATCH, shard, part)
-            keys = parts._scored_keys(part)[1]
-            parts._save_hist(out, f"{SCRATCH}/clip/h1/{shard}.npy", keys >> np.uint32(parts.HIST_BITS))
+            keys = filters._scored_keys(part)[1]
+            filters._save_hist(out, f"{SCRATCH}/clip/h1/{shard}.npy", keys >> np.uint32(filters.HIST_BITS))
         every.sort()
         n = len(every)
         top = [e for e in every if e[0] == every[0][0]]  # the best score's tie group (0.3 or 0.25)
@@ -120,7 +120,7 @@ def test_top_fraction_cut_splits_ties_by_key_order(view_build, tmp_path):
             if cut is None:
                 assert keep == n, label
                 continue
-            got = [e for e in every if (k := int(parts.ordered(np.asarray([-e[0]], np.float32))[0])) > cut["key"]
+            got = [e for e in every if (k := int(filters.ordered(np.asarray([-e[0]], np.float32))[0])) > cut["key"]
                    or (k == cut["key"] and e[1] <= cut["rank"])]
             assert got == kept, label
     finally:

@@ -7,13 +7,10 @@ import math
 import numpy as np
 
 from mmdata.curate.config import CurateConfig
-from mmdata.curate.parts import (
-    HIST_BITS,
-    ShardTask,
-    needs_merge,
-    rank_groups,
-    run_shard_task,
-)
+from mmdata.curate.filters import HIST_BITS
+from mmdata.curate.keyrank import needs_merge, rank_groups
+from mmdata.curate.parts import ShardTask
+from mmdata.curate.steps import run_shard_task
 from mmdata.curate.vectors import load_npy, save_npy
 from mmdata.errors import UserError
 
@@ -89,7 +86,7 @@ def decide_all(d: Driver, cfg: CurateConfig, parallelism: int) -> None:
         base = np.concatenate([[0], np.cumsum(n)]).tolist()
         results = d.tasks("decontaminate", {"decontaminate": decont, "n": int(sum(n))},
                           per_shard=[{"base": int(b)} for b in base[:-1]])
-        from mmdata.curate.parts import _EVAL
+        from mmdata.curate.decontaminate import _EVAL
 
         _EVAL.clear()  # the evaluation index, held here when the tasks ran in this process
     d.count(results)
