@@ -4,6 +4,7 @@ command again gives the bytes of an uninterrupted run, skipping what was done; a
 in one line unless --overwrite."""
 import glob
 import io
+import json
 import os
 import signal
 import subprocess
@@ -146,3 +147,43 @@ def test_other_config_with_overwrite_starts_over(build, reference, tmp_path):
     assert r.returncode == 2 and "not empty" in r.stderr
     r = rerun(build, out, "--overwrite")
     assert r.returncode == 0 and files(out) == files(reference)
+
+
+def test_other_partition_or_mmdata_version_refuses(build, reference, tmp_path, monkeypatch):
+    """The killed run's markers are of its partition (12 exact-dedup buckets here) and of its mmdata: a
+    re-run with other sizing constants (2 buckets), or by another mmdata version, would trust them for
+    other task files and miss duplicates: it refuses in one line, touching nothing, unless --overwrite."""
+    monkeypatch.setenv("MMDATA_TEST_CURATE_BUCKET_ROWS", "1")
+    out = str(tmp_path / "c")
+    run_and_kill(build, out, "exact_image:1")
+    manifest = open(f"{out}/manifest.json").read()
+    monkeypatch.delenv("MMDATA_TEST_CURATE_BUCKET_ROWS")
+    r = rerun(build, out)
+    assert r.returncode == 2 and "unfinished curation" in r.stderr and "partition differ" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert open(f"{out}/manifest.json").read() == manifest
+    monkeypatch.setenv("MMDATA_TEST_CURATE_BUCKET_ROWS", "1")
+    unfinished = json.loads(manifest)
+    unfinished["curate"]["run"]["mmdata_version"] = "0.0.1"  # started by an older mmdata
+    open(f"{out}/manifest.json", "w").write(json.dumps(unfinished))
+    r = rerun(build, out)
+    assert r.returncode == 2 and "mmdata_version differ" in r.stderr and "--overwrite" in r.stderr, r.stderr
+    assert len(glob.glob(f"{out}/.mmdata-curate/exact/done/exact_image_*.json")) == 1  # nothing done
+    r = rerun(build, out, "--overwrite")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert files(out) == files(reference)
+
+
+def test_semantic_task_marker_of_other_clusters_is_redone(build, reference, tmp_path):
+    """A cluster task's marker names its clusters and centres (the grouping depends on the worker
+    count): one that names others, with a result that would remove a unique sample, is done again."""
+    out = str(tmp_path / "c")
+    run_and_kill(build, out, "cluster:1")
+    folder = f"{out}/.mmdata-curate/semantic_pair"
+    mark = json.load(open(f"{folder}/done/cluster_00000.json"))
+    mark.update(clusters=[c + 1000 for c in mark["clusters"]], duplicates=1)
+    open(f"{folder}/done/cluster_00000.json", "w").write(json.dumps(mark))
+    np.save(f"{folder}/result_00000.npy", np.asarray([[1], [0], np.asarray([1.0]).view(np.int64)], dtype=np.int64))
+    r = rerun(build, out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert files(out) == files(reference)

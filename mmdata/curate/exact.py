@@ -29,7 +29,11 @@ MODALITIES = ("image", "text", "audio")
 def n_buckets(rows: int) -> int:
     """Hash buckets for ``rows`` rows (two at least: a single task would run in the driver's process)."""
     # tests only: MMDATA_TEST_CURATE_BUCKET_ROWS gives a small build several buckets (the result does not depend on it)
-    return max(2, math.ceil(rows / int(os.environ.get("MMDATA_TEST_CURATE_BUCKET_ROWS") or BUCKET_ROWS)))
+    return max(2, math.ceil(rows / bucket_rows()))
+
+
+def bucket_rows() -> int:
+    return int(os.environ.get("MMDATA_TEST_CURATE_BUCKET_ROWS") or BUCKET_ROWS)
 
 
 def digest_rows(positions: list[int], values: list[str], buckets: int) -> np.ndarray:

@@ -38,6 +38,18 @@ def _unfinished(out: OutputDir) -> dict | None:
     return None
 
 
+def partition(build: InputBuild) -> dict:
+    """The sizing constants that decide which task files (and done markers) a curation has: a resumed
+    run trusts the markers of the killed one only when these are the same (an mmdata upgrade may
+    change them)."""
+    from mmdata.curate import exact, phash, semantic
+
+    inputs = int((build.manifest.get("counts") or {}).get("inputs") or 0)
+    return {"exact_buckets": exact.n_buckets(inputs), "exact_bucket_rows": exact.bucket_rows(),
+            "phash_task_rows": phash.TASK_ROWS, "semantic_task_bytes": semantic.TASK_BYTES,
+            "semantic_search_chunk": semantic.SEARCH_CHUNK}
+
+
 def _prepare_output(out: OutputDir, overwrite: bool, identity: dict) -> bool:
     """Make ``out`` ready; True when it resumes an unfinished curation of the same source and config."""
     files = out.fs.find(out.root) if out.fs.exists(out.root) else []
@@ -47,8 +59,10 @@ def _prepare_output(out: OutputDir, overwrite: bool, identity: dict) -> bool:
             out.clean_temporaries()
             return True
         if unfinished is not None:
-            raise UserError(f"{out.url} holds an unfinished curation of another build or config; "
-                            "re-run that command to resume it, or pass --overwrite to start over")
+            differ = sorted(k for k in set(identity) | set(unfinished) if identity.get(k) != unfinished.get(k))
+            raise UserError(f"{out.url} holds an unfinished curation of another build, config or mmdata version "
+                            f"({', '.join(differ)} differ); re-run that command with the mmdata that started it to "
+                            "resume it, or pass --overwrite to start over")
         if not overwrite:
             raise UserError(f"{out.url} is not empty; choose another --out or pass --overwrite")
         if not is_mmdata_output(out) and not all(SCRATCH in f for f in files):
@@ -98,7 +112,8 @@ def curate(build_url: str, out_url: str, cfg: CurateConfig) -> dict:
     config = _engine_config(build, cfg, out_url)
     curate_hash = hashlib.sha256(json.dumps(cfg.content_dict(), sort_keys=True).encode()).hexdigest()[:16]
     identity = {"source": build.url, "config_hash": curate_hash, "source_config_hash": build.manifest.get("config_hash"),
-                "source_counts": build.manifest.get("counts"), "samples_per_shard": config.samples_per_shard}
+                "source_counts": build.manifest.get("counts"), "samples_per_shard": config.samples_per_shard,
+                "mmdata_version": __version__, "partition": partition(build)}
     resumed = _prepare_output(out, cfg.overwrite, identity)
     engine = get_engine(config)
     if hasattr(engine, "keep_pool"):  # the local engine: one pool for the many short rounds of tasks

@@ -77,6 +77,13 @@ class PartsClusterTask:
     keep: str
     scratch: str
     modality: str
+    centres: str = ""  # digest of the centres the clusters are of: a marker of other centres is not trusted
+
+
+def done_mark(task: PartsClusterTask) -> dict:
+    """What a cluster task's marker says it did: a resumed run redoes a task whose marker differs (its
+    grouping depends on the worker count; its clusters on the centres)."""
+    return {"clusters": [int(c) for c in task.clusters], "centres": task.centres}
 
 
 def run_parts_cluster_task(task: PartsClusterTask) -> dict:
@@ -103,5 +110,5 @@ def run_parts_cluster_task(task: PartsClusterTask) -> dict:
     found = found[np.argsort(found[:, 0], kind="stable")]
     cos = (found[:, 2] / 1e6).astype(np.float32).astype(np.float64)
     save_npy(out, f"{task.folder}/result_{task.task:05d}.npy", np.stack([found[:, 0], found[:, 1], cos.view(np.int64)]))
-    mark_done(out, task.folder, "cluster", f"{task.task:05d}", {"duplicates": int(len(found))})
+    mark_done(out, task.folder, "cluster", f"{task.task:05d}", {"duplicates": int(len(found)), **done_mark(task)})
     return {"task": task.task, "duplicates": int(len(found))}

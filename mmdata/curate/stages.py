@@ -2,6 +2,7 @@
 for the order of the decisions, ``mmdata.curate.parts`` for the state on disk)."""
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
@@ -202,6 +203,7 @@ def semantic(d: Driver, cfg: CurateConfig, modality: str, parallelism: int) -> N
     from mmdata.curate.semantic_tasks import (
         PartsClusterTask,
         SemShardTask,
+        done_mark,
         run_parts_cluster_task,
         run_sem_shard_task,
     )
@@ -238,9 +240,13 @@ def semantic(d: Driver, cfg: CurateConfig, modality: str, parallelism: int) -> N
     for s in d.shards:
         sizes += load_npy(d.out, f"{folder}/sizes/{s}.npy")
     n_tasks = max(4 * max(1, parallelism), math.ceil(n * centres.shape[1] * 4 / TASK_BYTES))
-    tasks = [PartsClusterTask(d.build.url, d.out.url, folder, t, g, 1.0 - cfg.eps(modality), cfg.semantic_keep, d.folder, modality)
-             for t, g in enumerate(group_clusters(sizes, n_tasks))]
-    todo = [t for t in tasks if not is_done(d.out, folder, "cluster", f"{t.task:05d}")]
+    digest = hashlib.sha256(np.ascontiguousarray(centres).tobytes()).hexdigest()[:16]
+    tasks = [PartsClusterTask(d.build.url, d.out.url, folder, t, g, 1.0 - cfg.eps(modality), cfg.semantic_keep, d.folder,
+                              modality, digest) for t, g in enumerate(group_clusters(sizes, n_tasks))]
+    # a resumed run skips a done task only when its marker is of the same clusters (another --workers
+    # groups them otherwise) and centres
+    todo = [t for t in tasks if not is_done(d.out, folder, "cluster", f"{t.task:05d}")
+            or {k: read_mark(d.out, folder, "cluster", f"{t.task:05d}").get(k) for k in ("clusters", "centres")} != done_mark(t)]
     if todo:
         d.engine.map_tasks(run_parts_cluster_task, todo, name="semdedup")
     if sum(read_mark(d.out, folder, "cluster", f"{t.task:05d}")["duplicates"] for t in tasks):
