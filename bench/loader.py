@@ -24,9 +24,10 @@ import numpy as np
 def build_corpus(tmp: str, copies: int) -> str:
     """The scikit-image photos × ``copies`` at 1024 px, built to 256 px shards with tiny-CLIP
     embeddings, tokens and a FAISS index."""
-    from bench.shard_stage import PHOTOS, make_photos
+    from bench.shard_stage import make_photos
     from mmdata.build import build
     from mmdata.config import load_config
+    from pipelines.demo_corpus import PHOTOS
 
     root = os.path.join(tmp, "corpus")
     os.makedirs(root)

@@ -26,9 +26,8 @@ import time
 
 from PIL import Image, ImageOps
 
-from mmdata.build import build
-from mmdata.config import load_config
-from pipelines.demo_corpus import PHOTOS, jpeg_bytes, skimage_photo
+# mmdata is imported inside mmdata_build only: the pools' spawned workers import this module, and
+# the bare loops' workers must not pay for importing mmdata
 
 I2D_VERSION = "1.47"
 VENV = os.path.join("bench_out", "i2d-venv")
@@ -39,6 +38,8 @@ TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 
 
 def make_photos(root: str, n: int) -> list[str]:
     """``n`` JPEG + caption pairs: scikit-image's real photos, cycled."""
+    from pipelines.demo_corpus import PHOTOS, jpeg_bytes, skimage_photo
+
     photos = []
     for name, (stem, caption) in sorted(PHOTOS.items()):
         im = skimage_photo(name)
@@ -121,6 +122,9 @@ def pool_loop(fn, paths: list[str], workers: int) -> float:
 
 
 def mmdata_build(root: str, out: str, workers: int, codec: str, resize: str) -> float:
+    from mmdata.build import build
+    from mmdata.config import load_config
+
     start = time.perf_counter()
     manifest = build(load_config(input=root, out=out, workers=workers, image_size=256, samples_per_shard=100,
                                  progress=False, overwrite=True, jpeg_codec=codec, resize_backend=resize))
@@ -147,7 +151,10 @@ def img2dataset_run(exe: str, paths: list[str], tmp: str, workers: int) -> tuple
     import pyarrow.parquet as pq
 
     urls = os.path.join(tmp, "urls.parquet")
-    captions = [open(p[:-4] + ".txt").read() for p in paths]
+    captions = []
+    for p in paths:
+        with open(p[:-4] + ".txt") as fh:
+            captions.append(fh.read())
     pq.write_table(pa.table({"url": ["file://" + os.path.abspath(p) for p in paths], "caption": captions}), urls)
     out = os.path.join(tmp, "i2d")
     start = time.perf_counter()
@@ -170,7 +177,7 @@ LOOPS = {"bare Pillow loop": bare_one, "bare libjpeg-turbo loop": turbo_one,
 
 def main() -> dict:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--images", type=int, default=int(os.environ.get("SHARD_STAGE_IMAGES", 768)))
+    parser.add_argument("--images", type=int, default=int(os.environ.get("SHARD_STAGE_IMAGES", "768")))
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     args = parser.parse_args()
     n, w = args.images, args.workers
