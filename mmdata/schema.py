@@ -2,6 +2,8 @@
 keeps the two in sync."""
 from __future__ import annotations
 
+import sys
+
 import pyarrow as pa
 
 PLAN_SCHEMA = pa.schema(
@@ -80,3 +82,40 @@ def _type_name(t: pa.DataType) -> str:
     if pa.types.is_list(t):
         return f"list<{_type_name(t.value_type)}>"
     return str(t)
+
+
+
+
+def skip_pandas_probe() -> bool:
+    """Spare this process pyarrow's import of pandas (~0.3 s of CPU, the largest part of a worker's
+    start-up); True when it was spared.
+
+    The first time ``pa.array`` is given a list, pyarrow imports pandas only to ask whether the list
+    is a pandas object, and remembers the answer. Made here while pandas cannot be imported, that
+    first probe records "no pandas"; pandas stays importable for everyone else. mmdata never hands
+    pandas objects to pyarrow, but afterwards pyarrow would treat one given to ``pa.array`` as a
+    plain sequence (a float Series' NaN would stay NaN, not null) until something asks it for pandas
+    outright (``to_pandas``, ``from_pandas``), which imports it as usual. So only processes mmdata
+    owns call it (the local engine's workers), never library calls in a user's process; one that
+    already imported pandas is left alone. pyarrow's C++ side imports pandas too, whenever it infers
+    a type from Python values (``pa.array([1, 2])``, ``pc.equal(column, 3)``): a worker's code
+    passes typed values (``pa.scalar(3, pa.int32())``); ``tests/test_startup_imports.py`` checks.
+    """
+    if "pandas" in sys.modules:
+        return False
+    sys.meta_path.insert(0, _NoPandas)
+    try:
+        pa.array([], pa.null())
+    finally:
+        sys.meta_path.remove(_NoPandas)
+    return "pandas" not in sys.modules
+
+
+class _NoPandas:
+    """A meta path finder that refuses pandas (Cython's import reads ``sys.modules`` directly,
+    so a ``None`` entry there would not do)."""
+
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name == "pandas" or name.startswith("pandas."):
+            raise ImportError(f"{name} skipped by mmdata.schema.skip_pandas_probe")

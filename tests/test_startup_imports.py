@@ -32,3 +32,66 @@ def test_a_build_without_a_model_imports_no_model_library(tmp_path):
         loaded = set(facts["modules"])
         assert "mmdata" in loaded and ("simplejpeg" in loaded) == (codec == "simplejpeg")
         assert not loaded & set(HEAVY), loaded & set(HEAVY)
+
+
+# Not needed to build local image + caption files without a model or augmentation: a worker of the
+# local engine must not import them (httpx for URLs, pandas that pyarrow would pull in, the report's
+# matplotlib, torch and the augment ops).
+NOT_IN_WORKER = HEAVY + ("httpx", "httpcore", "mmdata.sources.http", "pandas", "matplotlib", "mmdata.report")
+
+
+def _corpus(root, n=4):
+    root.mkdir()
+    for i in range(n):
+        Image.new("RGB", (320 + i, 240), (30 * i, 90, 160)).save(root / f"p{i}.jpg", quality=90)
+        (root / f"p{i}.txt").write_text(f"a plain caption {i}")
+    return root
+
+
+def test_a_local_worker_imports_only_what_the_config_needs(tmp_path):
+    from mmdata.build import build
+    from mmdata.config import load_config
+    from mmdata.engines.local import LocalEngine
+    from mmdata.pipeline.unit import run_unit
+
+    config = load_config(input=str(_corpus(tmp_path / "in")), out=str(tmp_path / "out"), workers=2,
+                         samples_per_shard=2, progress=False)
+    build(config)
+    tar = tmp_path / "out" / "shards" / "00001.tar"
+    before = tar.read_bytes()
+    (tmp_path / "out" / "shards" / "00001_stats.json").unlink()  # unit 1 is built again, in a fresh worker
+    engine = LocalEngine(config)
+    pool = engine._new_pool(1)  # the engine's own pool (its initializer), one worker: both calls land there
+    try:
+        stats = pool.submit(run_unit, config, 1).result(timeout=120)
+        loaded = set(pool.submit(eval, "sorted(__import__('sys').modules)").result(timeout=60))
+    finally:
+        pool.shutdown()
+    assert stats["counts"]["written"] == 2 and not stats.get("skipped")
+    assert tar.read_bytes() == before  # the same bytes as the build's own worker wrote
+    assert "mmdata.pipeline.unit" in loaded and "pyarrow" in loaded
+    assert not loaded & set(NOT_IN_WORKER), sorted(loaded & set(NOT_IN_WORKER))
+
+
+PROBED = """
+import io, json, sys
+import pyarrow as pa, pyarrow.compute as pc, pyarrow.parquet as pq
+from mmdata.schema import skip_pandas_probe
+facts = {"skipped": skip_pandas_probe()}
+buf = io.BytesIO()
+pq.write_table(pa.table({"x": pa.array([1.0, None], pa.float64()), "s": pa.array(["a", "b"], pa.string())}), buf)
+table = pq.ParquetFile(io.BytesIO(buf.getvalue())).read()  # (pq.read_table imports pyarrow.dataset, and pandas)
+facts["rows"] = pc.sum(pc.equal(table.column("s"), pa.scalar("a", pa.string()))).as_py()
+facts["no_pandas"] = "pandas" not in sys.modules
+import pandas  # importable as ever
+facts["to_pandas"] = table.to_pandas()["x"].isna().tolist()
+facts["again"] = skip_pandas_probe()  # pandas already imported: left alone
+print(json.dumps(facts))
+"""
+
+
+def test_skipping_the_pandas_probe_keeps_pyarrow_and_pandas_working(tmp_path):
+    res = subprocess.run([sys.executable, "-c", PROBED], check=False, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    facts = json.loads(res.stdout.strip().splitlines()[-1])
+    assert facts == {"skipped": True, "rows": 1, "no_pandas": True, "to_pandas": [False, True], "again": False}

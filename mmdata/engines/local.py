@@ -8,6 +8,7 @@ from typing import Any, Callable, Sequence
 from mmdata.config import BuildConfig
 from mmdata.pipeline.unit import run_unit, uses_torch_encoder
 from mmdata.records import UnitRef
+from mmdata.schema import skip_pandas_probe
 
 
 class LocalEngine:
@@ -17,6 +18,7 @@ class LocalEngine:
     The pool is shut down when the units are done (its workers hold the encoder models);
     ``map_tasks`` starts its own. Without a torch encoder, once every unit is done, the driver does
     not wait for the idle workers to exit (an interpreter's teardown, ~0.5 s): it finalizes meanwhile.
+    The workers run mmdata's code only: pyarrow's pandas probe is skipped there (``skip_pandas_probe``).
     """
 
     def __init__(self, config: BuildConfig):
@@ -72,7 +74,7 @@ class LocalEngine:
 
     def _new_pool(self, n_items: int) -> ProcessPoolExecutor:
         ctx = multiprocessing.get_context("spawn")
-        return ProcessPoolExecutor(max_workers=min(self.workers, n_items), mp_context=ctx)
+        return ProcessPoolExecutor(max_workers=min(self.workers, n_items), mp_context=ctx, initializer=skip_pandas_probe)
 
     def close(self) -> None:
         if self.pool is not None:

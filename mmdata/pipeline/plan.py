@@ -290,13 +290,13 @@ def load_unit(out: OutputDir, index: int) -> tuple[Unit, str]:
     with _plan_file(out) as fh:
         pf = pq.ParquetFile(fh, metadata=md)
         if digests is not None:
-            table = pf.read_row_group(index)
-            if len(table) and pc.any(pc.not_equal(table.column("unit"), index)).as_py():
+            table = pf.read_row_group(index)  # typed scalars: inferring one's type makes pyarrow import pandas
+            if len(table) and pc.any(pc.not_equal(table.column("unit"), pa.scalar(index, pa.int32()))).as_py():
                 raise RuntimeError(f"{out.url}/{PLAN_FILE}: row group {index} holds another unit")
             digest = digests[index]
         else:  # a plan written before units had row groups of their own
             table = pf.read()
-            table = table.filter(pc.equal(table.column("unit"), index))
+            table = table.filter(pc.equal(table.column("unit"), pa.scalar(index, pa.int32())))
             digest = table_digest(table)
     return Unit(index, table_records(table)), digest
 

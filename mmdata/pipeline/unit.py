@@ -11,7 +11,7 @@ import hashlib
 import json
 import time
 from collections import Counter
-from typing import Iterator, Optional, Union
+from typing import TYPE_CHECKING, Iterator, Optional, Union
 
 from mmdata.config import BuildConfig
 from mmdata.encoders.factory import audio_encoder_facts, make_audio_encoder, make_encoder
@@ -26,7 +26,7 @@ from mmdata.pipeline.samples.sample import Sample, Timer, write_json
 from mmdata.pipeline.samples.views import ViewMaker, embeds, is_view, rekey_views
 from mmdata.records import Record, Unit, UnitRef
 from mmdata.schema import SHARD_SCHEMA
-from mmdata.sources.http import DownloadOptions, Downloader, is_url
+from mmdata.sources import is_url
 from mmdata.storage import OutputDir
 from mmdata.transforms.tokenize import get_tokenizer, tokenize_npy
 from mmdata.version import __version__
@@ -34,6 +34,9 @@ from mmdata.writers.npy import npy_bytes
 from mmdata.writers.offsets import offsets_bytes
 from mmdata.writers.table import table_bytes
 from mmdata.writers.tar import write_tar
+
+if TYPE_CHECKING:  # imported where a unit downloads: httpx costs a worker ~0.1 s to import
+    from mmdata.sources.http import Downloader, DownloadOptions
 
 _CONTEXTS: dict[str, "UnitContext"] = {}
 
@@ -58,6 +61,8 @@ class UnitContext:
     def downloader(self) -> Downloader:
         """The process's download client, built for the first unit with http(s) sources."""
         if self._downloader is None:
+            from mmdata.sources.http import Downloader
+
             self._downloader = Downloader(download_options(self.config))
         return self._downloader
 
@@ -68,6 +73,8 @@ DOWNLOADED_SLOTS = ("audio", "image", "text", "json")
 
 def download_options(config: BuildConfig) -> DownloadOptions:
     """The client's options (``per_domain_rps`` holds for the whole machine: its processes share it)."""
+    from mmdata.sources.http import DownloadOptions
+
     return DownloadOptions(
         threads=config.download_threads, max_bytes=config.max_download_bytes, connect_timeout=config.connect_timeout,
         read_timeout=config.read_timeout, total_timeout=config.download_timeout, retries=config.download_retries,

@@ -42,10 +42,6 @@ ACCEPTED_TYPES = {"image": ("image/",), "audio": ("audio/", "video/ogg", "video/
 GENERIC_TYPES = ("", "application/octet-stream", "binary/octet-stream", "application/binary")
 
 
-def is_url(source: str) -> bool:
-    return source.startswith(("http://", "https://"))
-
-
 def is_transient(reason: str | None) -> bool:
     """Whether a row's reason is one a retry may cure (``http:503`` yes, ``http:404`` no)."""
     return bool(reason) and reason.startswith(TRANSIENT_PREFIXES)
