@@ -8,6 +8,7 @@ nothing from the pipeline, the engines or the driver.
 from __future__ import annotations
 
 import json
+import threading
 
 from mmdata.errors import UserError
 from mmdata.report import plots as _plots
@@ -45,6 +46,14 @@ def make_report(out: OutputDir, manifest: dict | None = None) -> str:
                      f"funnel counts from all shards")
     data["notes"] = col.notes
     return render(f"{out.url.rstrip('/').rsplit('/', 1)[-1]}: {manifest.get('counts', {}).get('written')} samples", data)
+
+
+def import_in_background() -> threading.Thread:
+    """Start importing what the report's plots need, in a thread; join it before making a report.
+    The build driver starts it once fewer units remain than workers: a core would idle meanwhile."""
+    thread = threading.Thread(target=_plots.prepare, name="mmdata-report-import", daemon=True)
+    thread.start()
+    return thread
 
 
 def write_report(out: OutputDir | str, manifest: dict | None = None) -> str:
