@@ -11,7 +11,6 @@ import json
 import os
 from typing import Any, Literal, Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mmdata.augment.config import AugmentConfig, load_augment_config
@@ -291,6 +290,8 @@ def _nest_audio(values: dict[str, Any], new: dict[str, Any]) -> None:
 
 def read_yaml(path: str, what: str = "config") -> Any:
     """The YAML document at ``path`` (an empty file reads as ``{}``); a missing file or bad YAML is one UserError line."""
+    import yaml  # here: a worker process, which gets its config pickled, need not import it
+
     try:
         with open(path, encoding="utf-8") as fh:
             return yaml.safe_load(fh) or {}

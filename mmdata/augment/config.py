@@ -19,7 +19,6 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
@@ -118,6 +117,8 @@ def load_augment_config(source: Union["AugmentConfig", Mapping, str, os.PathLike
     if source is None:
         return AugmentConfig()
     if isinstance(source, (str, os.PathLike)):
+        import yaml  # here: a worker process, which gets its config pickled, need not import it
+
         try:
             with open(source, encoding="utf-8") as fh:
                 data = yaml.safe_load(fh)
