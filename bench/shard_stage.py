@@ -8,7 +8,11 @@ OpenCV's INTER_AREA as in img2dataset), so each ratio compares like with like. i
 pyarrow < 18, so never the project's venv), reading the same files through file:// URLs in a parquet.
 Ratios: mmdata / img2dataset (target ≥ 2) and mmdata / the fastest bare loop (target ≥ 0.85).
 
-    python -m bench.shard_stage [--images 768] [--workers N]     (SHARD_STAGE_IMAGES=3072 for the big run)
+Each mmdata build runs in a fresh interpreter, timed around build(), so no mode inherits what an
+earlier one imported. The machine is shared: --repeat N interleaves N rounds and reports medians.
+
+    python -m bench.shard_stage [--images 768] [--workers N] [--repeat N]
+    (SHARD_STAGE_IMAGES=3072, SHARD_STAGE_REPEAT=3 for the big run)
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,8 +31,8 @@ import time
 
 from PIL import Image, ImageOps
 
-# mmdata is imported inside mmdata_build only: the pools' spawned workers import this module, and
-# the bare loops' workers must not pay for importing mmdata
+# mmdata is not imported here: the pools' spawned workers import this module, and the bare loops'
+# workers must not pay for importing mmdata (mmdata_build runs each build in its own interpreter)
 
 I2D_VERSION = "1.47"
 VENV = os.path.join("bench_out", "i2d-venv")
@@ -121,15 +126,27 @@ def pool_loop(fn, paths: list[str], workers: int) -> float:
     return time.perf_counter() - start
 
 
-def mmdata_build(root: str, out: str, workers: int, codec: str, resize: str) -> float:
-    from mmdata.build import build
-    from mmdata.config import load_config
+# Each mmdata build runs in a fresh interpreter, timed around build() (after `import mmdata`, as the
+# loops are timed after the bench's own imports): what the driver imports during a build (pyarrow's
+# pandas when planning, matplotlib for the report) is counted every time, not only for the first mode.
+BUILD = """
+import json, sys, time
+from mmdata.build import build
+from mmdata.config import load_config
+root, out, workers, codec, resize = sys.argv[1:]
+start = time.perf_counter()
+manifest = build(load_config(input=root, out=out, workers=int(workers), image_size=256, samples_per_shard=100,
+                             progress=False, overwrite=True, jpeg_codec=codec, resize_backend=resize))
+print(json.dumps({"seconds": time.perf_counter() - start, "counts": manifest["counts"], "reasons": manifest["reasons"]}))
+"""
 
-    start = time.perf_counter()
-    manifest = build(load_config(input=root, out=out, workers=workers, image_size=256, samples_per_shard=100,
-                                 progress=False, overwrite=True, jpeg_codec=codec, resize_backend=resize))
-    assert manifest["counts"]["failed"] == 0, manifest["reasons"]
-    return time.perf_counter() - start
+
+def mmdata_build(root: str, out: str, workers: int, codec: str, resize: str) -> float:
+    res = subprocess.run([sys.executable, "-c", BUILD, root, out, str(workers), codec, resize],
+                         check=True, capture_output=True, text=True)
+    facts = json.loads(res.stdout.strip().splitlines()[-1])
+    assert facts["counts"]["failed"] == 0, facts["reasons"]
+    return facts["seconds"]
 
 
 def img2dataset_venv() -> tuple[str | None, str]:
@@ -157,6 +174,7 @@ def img2dataset_run(exe: str, paths: list[str], tmp: str, workers: int) -> tuple
             captions.append(fh.read())
     pq.write_table(pa.table({"url": ["file://" + os.path.abspath(p) for p in paths], "caption": captions}), urls)
     out = os.path.join(tmp, "i2d")
+    shutil.rmtree(out, ignore_errors=True)  # a new output every round (img2dataset would skip finished shards)
     start = time.perf_counter()
     subprocess.run([exe, "--url_list", urls, "--input_format", "parquet", "--url_col", "url", "--caption_col", "caption",
                     "--output_format", "webdataset", "--output_folder", out, "--processes_count", str(workers),
@@ -179,37 +197,44 @@ def main() -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=int(os.environ.get("SHARD_STAGE_IMAGES", "768")))
     parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--repeat", type=int, default=int(os.environ.get("SHARD_STAGE_REPEAT", "1")),
+                        help="rounds of every measurement, interleaved; each rate is the median over rounds")
     args = parser.parse_args()
     n, w = args.images, args.workers
     tmp = tempfile.mkdtemp(prefix="mmdata-bench-")
-    rate = {}
+    rounds: dict[str, list[float]] = {}
     why_no_i2d = ""
     try:
         root = os.path.join(tmp, "corpus")
         os.makedirs(root)
         paths = make_photos(root, n)
         pool_loop(bare_one, paths[:64], w)  # warm the page cache
-        for name, fn in LOOPS.items():
-            rate[name] = n / pool_loop(fn, paths, w)
-        for codec, resize in MODES:
-            rate[f"mmdata build ({codec}, {resize})"] = n / mmdata_build(root, os.path.join(tmp, "out"), w, codec, resize)
         exe, why_no_i2d = img2dataset_venv()
-        if exe:
-            try:
-                seconds, ok = img2dataset_run(exe, paths, tmp, w)
-                rate[f"img2dataset {I2D_VERSION}"] = n / seconds
-                if ok != n:
-                    why_no_i2d = f"img2dataset wrote {ok} of {n} images"
-            except subprocess.CalledProcessError as exc:
-                why_no_i2d = "img2dataset failed: " + " | ".join((exc.stderr or "").strip().splitlines()[-3:])
+        for _ in range(max(1, args.repeat)):
+            for name, fn in LOOPS.items():
+                rounds.setdefault(name, []).append(n / pool_loop(fn, paths, w))
+            for codec, resize in MODES:
+                seconds = mmdata_build(root, os.path.join(tmp, "out"), w, codec, resize)
+                rounds.setdefault(f"mmdata build ({codec}, {resize})", []).append(n / seconds)
+            if exe:
+                try:
+                    seconds, ok = img2dataset_run(exe, paths, tmp, w)
+                    rounds.setdefault(f"img2dataset {I2D_VERSION}", []).append(n / seconds)
+                    if ok != n:
+                        why_no_i2d = f"img2dataset wrote {ok} of {n} images"
+                except subprocess.CalledProcessError as exc:
+                    why_no_i2d = "img2dataset failed: " + " | ".join((exc.stderr or "").strip().splitlines()[-3:])
+                    exe = None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"shard stage: {n} photos → 256 px JPEG q95, {w} workers, start-up included")
+    rate = {name: statistics.median(r) for name, r in rounds.items()}
+    print(f"shard stage: {n} photos → 256 px JPEG q95, {w} workers, start-up included"
+          + (f", median of {args.repeat} interleaved rounds" if args.repeat > 1 else ""))
     for name, r in rate.items():
         print(f"  {name:40s}: {r:8.1f} images/s")
     i2d = rate.get(f"img2dataset {I2D_VERSION}")
     limit = max(rate[name] for name in LOOPS)
-    result = {"images": n, "workers": w, "rates": rate, "target_loop": 0.85, "target_img2dataset": 2.0, "modes": {}}
+    result = {"images": n, "workers": w, "repeat": args.repeat, "rates": rate, "rounds": rounds, "target_loop": 0.85, "target_img2dataset": 2.0, "modes": {}}
     for (codec, resize), loop in MODES.items():
         mm = rate[f"mmdata build ({codec}, {resize})"]
         mode = {"vs_own_loop": mm / rate[loop], "vs_fastest_loop": mm / limit}
