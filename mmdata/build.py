@@ -59,17 +59,19 @@ def build(config: BuildConfig) -> dict:
     out.ensure_writable()
     finish_switch(out)  # an `mmdata embed` killed during its switch: finish it before resuming
     out.remove(STAGING)  # one killed before its switch: its staged units may not match what this build writes
-    units, resumed = make_or_load_plan(config, out)
-    if config.retry_failed:  # units with transient download failures are uncommitted, then built again
-        uncommit_transient(config, out, units, resumed)
-    committed: dict[str, dict] = {}
-    if resumed:  # committed units are not handed to the engine: the bar and counts show this run's work
-        for u in units:
-            stats = read_committed(out, u.name, config.config_hash, config.embedded_modalities, u.digest)
-            if stats is not None:
-                committed[u.name] = stats
     engine = get_engine(config)
     try:
+        if hasattr(engine, "start"):  # the local engine's workers start (imports, codecs, models) while we plan
+            engine.start(config)
+        units, resumed = make_or_load_plan(config, out)
+        if config.retry_failed:  # units with transient download failures are uncommitted, then built again
+            uncommit_transient(config, out, units, resumed)
+        committed: dict[str, dict] = {}
+        if resumed:  # committed units are not handed to the engine: the bar and counts show this run's work
+            for u in units:
+                stats = read_committed(out, u.name, config.config_hash, config.embedded_modalities, u.digest)
+                if stats is not None:
+                    committed[u.name] = stats
         mismatched = mismatched_units(config, committed, engine)
     except BaseException:
         engine.close()

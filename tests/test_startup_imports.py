@@ -96,3 +96,36 @@ def test_skipping_the_pandas_probe_keeps_pyarrow_and_pandas_working(tmp_path):
     assert res.returncode == 0, res.stderr
     facts = json.loads(res.stdout.strip().splitlines()[-1])
     assert facts == {"skipped": True, "rows": 1, "no_pandas": True, "to_pandas": [False, True], "again": False}
+
+
+def test_started_workers_build_units_or_are_let_go(tmp_path):
+    """LocalEngine.start spawns the workers before the plan exists; a plan of several units runs on
+    them, a plan of one runs in the driver and the started workers are stopped."""
+    from mmdata.build import build
+    from mmdata.config import load_config
+    from mmdata.engines.local import LocalEngine
+    from mmdata.pipeline.plan import make_or_load_plan
+    from mmdata.storage import OutputDir
+
+    corpus = _corpus(tmp_path / "in", n=5)
+    ref = load_config(input=str(corpus), out=str(tmp_path / "ref"), workers=1, samples_per_shard=2, progress=False)
+    build(ref)
+    for n_per_unit in (2, 8):  # three units, then one
+        config = load_config(input=str(corpus), out=str(tmp_path / f"out{n_per_unit}"), workers=2,
+                             samples_per_shard=n_per_unit, progress=False)
+        out = OutputDir(config.out)
+        out.ensure_writable()
+        engine = LocalEngine(config)
+        engine.start(config)
+        processes = list(engine.pool._processes.values())
+        assert len(processes) == 2
+        units, _ = make_or_load_plan(config, out)
+        stats = engine.map_units(config, units, lambda s: None)
+        assert len(units) == (3 if n_per_unit == 2 else 1) and sum(s["counts"]["written"] for s in stats) == 5
+        assert engine.pool is None
+        for p in processes:  # stopped (one unit) or shut down (three): they exit either way
+            p.join(timeout=120)
+            assert p.exitcode is not None
+        if n_per_unit == 2:
+            for name in ("00000.tar", "00001.tar", "00002.tar"):
+                assert (tmp_path / "out2" / "shards" / name).read_bytes() == (tmp_path / "ref" / "shards" / name).read_bytes()

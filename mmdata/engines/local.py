@@ -6,7 +6,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any, Callable, Sequence
 
 from mmdata.config import BuildConfig
-from mmdata.pipeline.unit import run_unit, uses_torch_encoder
+from mmdata.pipeline.unit import get_context, run_unit, uses_torch_encoder
 from mmdata.records import UnitRef
 from mmdata.schema import skip_pandas_probe
 
@@ -25,15 +25,28 @@ class LocalEngine:
         self.workers = config.n_workers
         self.pool = None
         self.keep = False
+        self.started = False  # a pool started by ``start``, that no unit has used yet
+
+    def start(self, config: BuildConfig) -> None:
+        """Start the worker processes now, before the plan is made: each imports mmdata and builds its
+        UnitContext (codecs, models) while the driver plans. A plan of one unit is still built here,
+        in this process, and the started workers are stopped without waiting for them."""
+        if self.workers > 1 and self.pool is None:
+            self.pool, self.started = self._new_pool(self.workers), True
+            for _ in range(self.workers):  # each submit spawns a process while none is idle
+                self.pool.submit(warm_worker, config)
 
     def map_units(self, config: BuildConfig, units: list[UnitRef], on_done: Callable[[dict], None]) -> list[dict]:
         if self.workers == 1 or len(units) <= 1:
+            self._shutdown()
             results = []
             for unit in units:
                 results.append(run_unit(config, unit))
                 on_done(results[-1])
             return results
-        self.pool = self._new_pool(len(units))
+        if self.pool is None:
+            self.pool = self._new_pool(len(units))
+        self.started = False
         results, pending, queue = [], set(), list(reversed(units))
         try:
             while queue or pending:
@@ -59,6 +72,8 @@ class LocalEngine:
         pool for all calls after ``keep_pool()``, until ``close()``)."""
         if self.workers == 1 or len(items) <= 1:
             return [fn(item) for item in items]
+        if self.started:  # workers started for units that never came: the tasks get a pool of their own
+            self._shutdown()
         if self.pool is None:
             self.pool = self._new_pool(self.workers if self.keep else len(items))
         try:
@@ -77,7 +92,18 @@ class LocalEngine:
         return ProcessPoolExecutor(max_workers=min(self.workers, n_items), mp_context=ctx, initializer=skip_pandas_probe)
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-            self.pool = None
+        self._shutdown()
         self.keep = False
+
+    def _shutdown(self) -> None:
+        if self.pool is not None:
+            if self.started:  # started, but no unit ran (one unit, an error, nothing to do): no waiting
+                for process in list(self.pool._processes.values()):  # for their imports or models
+                    process.terminate()
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool, self.started = None, False
+
+
+def warm_worker(config: BuildConfig) -> None:
+    """A started worker's first task: its UnitContext (the unit code, codecs, models), built ahead."""
+    get_context(config)
