@@ -84,8 +84,6 @@ def _type_name(t: pa.DataType) -> str:
     return str(t)
 
 
-
-
 def skip_pandas_probe() -> bool:
     """Spare this process pyarrow's import of pandas (~0.3 s of CPU, the largest part of a worker's
     start-up); True when it was spared.
