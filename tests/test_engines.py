@@ -134,7 +134,7 @@ def test_dask_worker_killed_mid_unit_changes_nothing(big_corpus, tmp_path):
                                           "--dask-address", cluster.scheduler_address, "--samples-per-shard", "2",
                                           "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            deadline = time.time() + 120
+            deadline = time.time() + 300
             while time.time() < deadline and not glob.glob(f"{out}/shards/*_stats.json") and proc.poll() is None:
                 time.sleep(0.02)
             busy = {w: keys for w, keys in client.processing().items() if keys}

@@ -144,7 +144,7 @@ def test_refuses_an_output_without_an_index(demo, tmp_path):
     shutil.rmtree(out / "index")
     env = {**os.environ, "PYTHONPATH": ROOT}
     res = subprocess.run([sys.executable, "-m", "mmdata", "serve", str(out), "--port", "1"], capture_output=True,
-                         text=True, env=env, timeout=60, check=False)
+                         text=True, env=env, timeout=300, check=False)
     assert res.returncode == 2 and res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr
     assert "no index" in res.stderr
 
