@@ -208,32 +208,31 @@ def check_accounting(m: dict, n: int) -> None:
 
 def test_every_fault_ends_in_its_row_with_a_precise_reason(server, tmp_path):
     b = server.base
-    expected = {  # key: (url, status, reason)
-        "ok": (f"{b}/img/ok.jpg", "written", None),
-        "forbidden": (f"{b}/status/403/a.jpg", "failed", "http:403"),
-        "missing": (f"{b}/status/404/a.jpg", "failed", "http:404"),
-        "gone": (f"{b}/status/410/a.jpg", "failed", "http:410"),
-        "too_many": (f"{b}/status/429/a.jpg", "failed", "http:429"),
-        "server_error": (f"{b}/status/500/a.jpg", "failed", "http:500"),
-        "unavailable": (f"{b}/status/503/a.jpg", "failed", "http:503"),
-        "redirected": (f"{b}/redirect/3/r.jpg", "written", None),
-        "redirect_chain": (f"{b}/redirect/9/r.jpg", "failed", "redirects"),
-        "redirect_loop": (f"{b}/loop/l.jpg", "failed", "redirects"),
-        "html_page": (f"{b}/html/a.jpg", "failed", "content:text/html"),
-        "truncated": (f"{b}/truncated/t.jpg", "failed", "truncated"),
-        "declared_big": (f"{b}/big/a.jpg", "failed", "too_large"),
-        "streamed_big": (f"{b}/bigstream/a.jpg", "failed", "too_large"),
-        "optout_noai": (f"{b}/optout/noai/a.jpg", "filtered", "optout:noai"),
-        "optout_ours": (f"{b}/optout/mmdata:_noimageai,_nofollow/a.jpg", "filtered", "optout:noimageai"),
-        "optout_other_bot": (f"{b}/optout/otherbot:_noai/o.jpg", "written", None),
-        "not_an_image": (f"{b}/notimage/a.jpg", "failed", "decode:image"),
-        "refused": (None, "failed", "connect"),  # a port below, held for the whole build
-        "not_http": ("ftp://127.0.0.1/a.jpg", "failed", None),
-        "bad_name": (f"http://{'a' * 64}.test/a.jpg", "failed", "dns"),  # refused before any query
-    }
     server.log.clear()
-    with closed_port() as port:  # held for the whole build: nothing else can listen there meanwhile
-        expected["refused"] = (f"http://127.0.0.1:{port}/img/a.jpg", "failed", "connect")
+    with closed_port() as port:  # bound for the whole build, not listening: nothing else can take it meanwhile
+        expected = {  # key: (url, status, reason)
+            "ok": (f"{b}/img/ok.jpg", "written", None),
+            "forbidden": (f"{b}/status/403/a.jpg", "failed", "http:403"),
+            "missing": (f"{b}/status/404/a.jpg", "failed", "http:404"),
+            "gone": (f"{b}/status/410/a.jpg", "failed", "http:410"),
+            "too_many": (f"{b}/status/429/a.jpg", "failed", "http:429"),
+            "server_error": (f"{b}/status/500/a.jpg", "failed", "http:500"),
+            "unavailable": (f"{b}/status/503/a.jpg", "failed", "http:503"),
+            "redirected": (f"{b}/redirect/3/r.jpg", "written", None),
+            "redirect_chain": (f"{b}/redirect/9/r.jpg", "failed", "redirects"),
+            "redirect_loop": (f"{b}/loop/l.jpg", "failed", "redirects"),
+            "html_page": (f"{b}/html/a.jpg", "failed", "content:text/html"),
+            "truncated": (f"{b}/truncated/t.jpg", "failed", "truncated"),
+            "declared_big": (f"{b}/big/a.jpg", "failed", "too_large"),
+            "streamed_big": (f"{b}/bigstream/a.jpg", "failed", "too_large"),
+            "optout_noai": (f"{b}/optout/noai/a.jpg", "filtered", "optout:noai"),
+            "optout_ours": (f"{b}/optout/mmdata:_noimageai,_nofollow/a.jpg", "filtered", "optout:noimageai"),
+            "optout_other_bot": (f"{b}/optout/otherbot:_noai/o.jpg", "written", None),
+            "not_an_image": (f"{b}/notimage/a.jpg", "failed", "decode:image"),
+            "refused": (f"http://127.0.0.1:{port}/img/a.jpg", "failed", "connect"),
+            "not_http": ("ftp://127.0.0.1/a.jpg", "failed", None),
+            "bad_name": (f"http://{'a' * 64}.test/a.jpg", "failed", "dns"),  # refused before any query
+        }
         m = run_build(manifest(tmp_path, {k: v[0] for k, v in expected.items()}), tmp_path / "out", key_col="key",
                       image_col="url", **FAST)
     check_accounting(m, len(expected))
