@@ -38,6 +38,13 @@ def browser():
             b.close()
 
 
+def open_page(browser, **kw):
+    """A new page whose waits give up after 120 s, not Playwright's 30 s (a loaded machine renders slowly)."""
+    page = browser.new_page(**kw)
+    page.set_default_timeout(120_000)
+    return page
+
+
 def watch(page):
     """Console errors, page errors and failed requests of ``page``, as a list that fills as it runs."""
     problems = []
@@ -67,23 +74,33 @@ class Served:
     """``mmdata serve OUT`` in a child process on 127.0.0.1 and a free port; ``stop()`` ends it."""
 
     def __init__(self, out, *args):
+        for _ in range(3):  # the free port can be taken by another process before the server binds it
+            if self.start(out, *args):
+                return
+        raise AssertionError(f"mmdata serve found its port taken three times: {self.stderr}")
+
+    def start(self, out, *args) -> bool:
+        """True once the server answers; False if its port was taken meanwhile."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1"}
         self.proc = subprocess.Popen([sys.executable, "-m", "mmdata", "serve", str(out), "--port", str(self.port), *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        deadline = time.time() + 90
+        deadline = time.time() + 300  # a loaded machine can take minutes to start it
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"mmdata serve exited {self.proc.returncode}: {self.proc.stderr.read()}")
+                self.stderr = self.proc.stderr.read()
+                if "address already in use" in self.stderr.lower():
+                    return False
+                raise AssertionError(f"mmdata serve exited {self.proc.returncode}: {self.stderr}")
             try:
                 if get(self.url + "/api/info")[0] == 200:
-                    return
+                    return True
             except OSError:
                 pass
             time.sleep(0.3)
         self.stop()
-        raise AssertionError("mmdata serve did not answer within 90 s")
+        raise AssertionError("mmdata serve did not answer within 300 s")
 
     def stop(self):
         if self.proc.poll() is None:

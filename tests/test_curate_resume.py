@@ -69,7 +69,7 @@ def command(build, out, *extra):
 def run_and_kill(build, out, point):
     env = dict(os.environ, MMDATA_TEST_CURATE_PAUSE=point, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1")
     proc = subprocess.Popen(command(build, out), stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-    seen, lines, deadline = False, [], time.time() + 120
+    seen, lines, deadline = False, [], time.time() + 300
     try:
         for line in proc.stderr:  # ends when the process does (it sleeps 600 s at the pause)
             lines.append(line)

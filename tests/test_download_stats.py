@@ -59,7 +59,7 @@ def test_download_statistics_match_what_the_server_saw(server, tmp_path):
     (tmp_path / "out" / "report.html").unlink()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-m", "mmdata", "report", str(tmp_path / "out")], capture_output=True,
-                          text=True, env=env, timeout=120, check=False)
+                          text=True, env=env, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert line in (tmp_path / "out" / "report.html").read_text()
 

@@ -83,7 +83,7 @@ def run_and_kill(out: str, point: str, count: int = 1) -> list[str]:
                              "random", "--model-seed", "1", "--workers", "1"],
                             stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     seen, lines = False, []
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     try:
         for line in proc.stderr:  # ends when the process does (it sleeps 600 s at the pause)
             lines.append(line)

@@ -185,7 +185,7 @@ def test_embeddings_are_identical_across_processes(tmp_path):
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    subprocess.run([sys.executable, "-c", code, str(out)], check=True, env=env, cwd=root, timeout=120)
+    subprocess.run([sys.executable, "-c", code, str(out)], check=True, env=env, cwd=root, timeout=300)
     enc = tiny()
     here = np.concatenate([enc.encode_images(images(5)), enc.encode_texts(CAPTIONS)])
     np.testing.assert_array_equal(np.load(out), here)
@@ -350,6 +350,7 @@ def test_other_errors_are_not_swallowed_by_the_backoff():
 
 def test_pipeline_keeps_order_bounds_lookahead_and_overlaps():
     lock, state = threading.Lock(), {"prepared": 0, "ran": 0, "max_ahead": 0}
+    prepared = threading.Condition(lock)
     rng = np.random.default_rng(0)
     delays = rng.uniform(0, 0.002, 20)  # finish out of order
 
@@ -358,10 +359,14 @@ def test_pipeline_keeps_order_bounds_lookahead_and_overlaps():
         with lock:
             state["prepared"] += 1
             state["max_ahead"] = max(state["max_ahead"], state["prepared"] - state["ran"])
+            prepared.notify_all()
         return i * 10
 
     def run(x):
-        time.sleep(0.005)  # the "forward": preparation should get ahead of it
+        with lock:  # the "forward": preparation gets ahead of it. The first one waits for a second batch to be
+            if state["ran"] == 0:  # prepared (an event, not a sleep that a loaded machine can outlast)
+                prepared.wait_for(lambda: state["prepared"] >= 2, timeout=30)
+        time.sleep(0.005)
         with lock:
             state["ran"] += 1
         return x + 1

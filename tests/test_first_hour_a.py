@@ -120,7 +120,7 @@ def mmdata_cli(*args):
     import sys
 
     return subprocess.run([sys.executable, "-m", "mmdata", *map(str, args)], check=False, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=300)
 
 
 def test_verify_of_a_missing_or_foreign_folder_is_one_error_line_exit_2(tmp_path):

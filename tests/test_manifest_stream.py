@@ -17,7 +17,7 @@ from test_plan_scale import check_same_plan
 
 from mmdata.config import load_config
 from mmdata.errors import UserError
-from mmdata.sources import manifest
+from mmdata.sources import manifest, manifest_stream
 from mmdata.sources.manifest import read_manifest_batches
 
 N = 40  # rows per awkward file: many 64-byte blocks
@@ -59,7 +59,7 @@ AWKWARD = {
 
 @pytest.mark.parametrize("name", sorted(AWKWARD))
 def test_awkward_manifests_plan_what_the_whole_file_reader_planned(tmp_path, monkeypatch, name):
-    monkeypatch.setattr(manifest, "TEXT_BLOCK", 64)  # a block is a line or two: types change between blocks
+    monkeypatch.setattr(manifest_stream, "TEXT_BLOCK", 64)  # a block is a line or two: types change between blocks
     data = AWKWARD[name]
     (tmp_path / name).write_bytes(data if isinstance(data, bytes) else data.encode())
     config = load_config(input=str(tmp_path / name), out=str(tmp_path / "out"), image_col="path", text_col="text",
@@ -83,7 +83,7 @@ BAD = {  # file → the start of the error the whole-file reader gave (and still
 
 @pytest.mark.parametrize("name", sorted(BAD))
 def test_bad_manifests_give_the_same_clear_error(tmp_path, monkeypatch, name):
-    monkeypatch.setattr(manifest, "TEXT_BLOCK", 64)
+    monkeypatch.setattr(manifest_stream, "TEXT_BLOCK", 64)
     data, want = BAD[name]
     p = tmp_path / name
     p.write_bytes(data)

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from tests.browser import browser, demo_build, watch  # noqa: F401  (browser is a fixture)
+from tests.browser import browser, demo_build, open_page, watch  # noqa: F401  (browser is a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def demo(corpus, tmp_path_factory):
 
 def test_report_renders_in_chromium(browser, demo, tmp_path):  # noqa: F811
     out, manifest = demo
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page = open_page(browser, viewport={"width": 1280, "height": 900})
     problems = watch(page)
     requests = []
     page.on("request", lambda r: requests.append(r.url))

@@ -110,7 +110,7 @@ def test_opencv_without_the_package_is_one_line_and_auto_falls_back():
               "print(load_config(input='x', out='y', resize_backend='auto').resize_backend)\n"
               "try:\n    load_config(input='x', out='y', resize_backend='opencv')\n"
               "except UserError as e:\n    print('refused:', e)\n")
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert res.returncode == 0, res.stderr
     lines = res.stdout.strip().splitlines()

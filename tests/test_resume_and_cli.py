@@ -26,7 +26,7 @@ def test_sigkill_mid_run_then_resume_is_identical(big_corpus, tmp_path):
     out = tmp_path / "killed"
     args = ["build", "-i", big_corpus, "-o", str(out), "--workers", "1", "--samples-per-shard", "2", "--no-progress"]
     proc = subprocess.Popen(MMDATA + args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while time.time() < deadline and len(glob.glob(f"{out}/shards/*_stats.json")) < 4:
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)

@@ -214,7 +214,7 @@ def test_importing_the_image_transform_leaves_the_warning_filters_alone(tmp_path
             "now = list(warnings.filters); m.ImageTransform(m.ImageOptions(max_pixels=10**9))(buf.getvalue()); "
             "assert list(warnings.filters) == now; print('ok')")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
 
 

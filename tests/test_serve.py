@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from mmdata.search import Retriever
-from tests.browser import ROOT, Served, browser, demo_build, get, watch  # noqa: F401  (browser is a fixture)
+from tests.browser import ROOT, Served, browser, demo_build, get, open_page, watch  # noqa: F401  (browser is a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def api(served, path, **kw):
 
 
 def test_text_query_and_neighbours_in_the_page(browser, served, tmp_path):  # noqa: F811
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page = open_page(browser, viewport={"width": 1280, "height": 900})
     problems = watch(page)
     page.goto(served.url + "/")
     page.fill("#q", "a photo of a cat")
@@ -61,7 +61,7 @@ def test_text_query_and_neighbours_in_the_page(browser, served, tmp_path):  # no
 
 
 def test_image_upload_in_the_page(browser, served, corpus):  # noqa: F811
-    page = browser.new_page()
+    page = open_page(browser)
     problems = watch(page)
     page.goto(served.url + "/")
     page.set_input_files("#file", os.path.join(corpus[0], "animals", "chelsea.png"))
@@ -144,7 +144,7 @@ def test_refuses_an_output_without_an_index(demo, tmp_path):
     shutil.rmtree(out / "index")
     env = {**os.environ, "PYTHONPATH": ROOT}
     res = subprocess.run([sys.executable, "-m", "mmdata", "serve", str(out), "--port", "1"], capture_output=True,
-                         text=True, env=env, timeout=60, check=False)
+                         text=True, env=env, timeout=300, check=False)
     assert res.returncode == 2 and res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr
     assert "no index" in res.stderr
 

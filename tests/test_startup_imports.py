@@ -25,7 +25,7 @@ def test_a_build_without_a_model_imports_no_model_library(tmp_path):
         (corpus / f"a{i}.txt").write_text(f"a caption {i}")
     for codec in ("pillow", "simplejpeg"):
         res = subprocess.run([sys.executable, "-c", SCRIPT, str(corpus), str(tmp_path / codec), codec],
-                             check=False, capture_output=True, text=True, timeout=120)
+                             check=False, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr
         facts = json.loads(res.stdout.strip().splitlines()[-1])
         assert facts["counts"]["written"] == 3
