@@ -64,8 +64,8 @@ def test_a_local_worker_imports_only_what_the_config_needs(tmp_path):
     engine = LocalEngine(config)
     pool = engine._new_pool(1)  # the engine's own pool (its initializer), one worker: both calls land there
     try:
-        stats = pool.submit(run_unit, config, 1).result(timeout=120)
-        loaded = set(pool.submit(eval, "sorted(__import__('sys').modules)").result(timeout=60))
+        stats = pool.submit(run_unit, config, 1).result(timeout=300)
+        loaded = set(pool.submit(eval, "sorted(__import__('sys').modules)").result(timeout=300))
     finally:
         pool.shutdown()
     assert stats["counts"]["written"] == 2 and not stats.get("skipped")
@@ -92,7 +92,7 @@ print(json.dumps(facts))
 
 
 def test_skipping_the_pandas_probe_keeps_pyarrow_and_pandas_working(tmp_path):
-    res = subprocess.run([sys.executable, "-c", PROBED], check=False, capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, "-c", PROBED], check=False, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     facts = json.loads(res.stdout.strip().splitlines()[-1])
     assert facts == {"skipped": True, "rows": 1, "no_pandas": True, "to_pandas": [False, True], "again": False}
@@ -124,7 +124,7 @@ def test_started_workers_build_units_or_are_let_go(tmp_path):
         assert len(units) == (3 if n_per_unit == 2 else 1) and sum(s["counts"]["written"] for s in stats) == 5
         assert engine.pool is None
         for p in processes:  # stopped (one unit) or shut down (three): they exit either way
-            p.join(timeout=120)
+            p.join(timeout=300)
             assert p.exitcode is not None
         if n_per_unit == 2:
             for name in ("00000.tar", "00001.tar", "00002.tar"):
