@@ -39,3 +39,29 @@ def built(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("built")
     manifest = run_build(corpus[0], out, workers=2, tokenize=True)
     return str(out), manifest
+
+
+def kill_at_line(cmd: list[str], env: dict, line: str) -> list[str]:
+    """Start ``cmd``; SIGKILL its process group once it prints ``line`` on stderr (where it then
+    sleeps: a test pause point). Returns the stderr lines up to there; fails if the line never came
+    (within 300 s) or the process did not die of the kill."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    seen, lines, deadline = False, [], time.time() + 300
+    try:
+        for got in proc.stderr:  # ends when the process does (it sleeps 600 s at the pause)
+            lines.append(got)
+            if got.strip() == line:
+                seen = True
+                break
+            assert time.time() < deadline, "".join(lines)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        proc.stderr.close()
+    assert seen, "".join(lines)
+    assert proc.returncode == -signal.SIGKILL
+    return lines

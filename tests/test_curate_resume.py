@@ -6,16 +6,14 @@ import glob
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_build
+from conftest import kill_at_line, run_build
 from mmdata.curate import curate, load_curate_config
 from mmdata.tools.verify import verify_output
 from pipelines.demo_corpus import PHOTOS, skimage_photo
@@ -68,21 +66,7 @@ def command(build, out, *extra):
 
 def run_and_kill(build, out, point):
     env = dict(os.environ, MMDATA_TEST_CURATE_PAUSE=point, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen(command(build, out), stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-    seen, lines, deadline = False, [], time.time() + 300
-    try:
-        for line in proc.stderr:  # ends when the process does (it sleeps 600 s at the pause)
-            lines.append(line)
-            if line.strip() == f"mmdata-curate-pause {point}":
-                seen = True
-                break
-            assert time.time() < deadline, "".join(lines)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-        proc.stderr.close()
-    assert seen, "".join(lines)
-    assert proc.returncode == -signal.SIGKILL
+    kill_at_line(command(build, out), env, f"mmdata-curate-pause {point}")
 
 
 def rerun(build, out, *extra):

@@ -7,13 +7,10 @@ import glob
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
-from conftest import run_build
+from conftest import kill_at_line, run_build
 from typer.testing import CliRunner
 
 from mmdata.cli.main import app
@@ -79,25 +76,8 @@ def run_and_kill(out: str, point: str, count: int = 1) -> list[str]:
     """Start `mmdata embed OUT` (new model); SIGKILL it when it passes ``point`` the ``count``-th time
     (where it then sleeps)."""
     env = dict(os.environ, MMDATA_TEST_EMBED_PAUSE=f"{point}:{count}", PYTHONPATH=ROOT, HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, "-m", "mmdata", "embed", out, "--model", "mmdata-tiny", "--pretrained",
-                             "random", "--model-seed", "1", "--workers", "1"],
-                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-    seen, lines = False, []
-    deadline = time.time() + 300
-    try:
-        for line in proc.stderr:  # ends when the process does (it sleeps 600 s at the pause)
-            lines.append(line)
-            if line.strip() == f"mmdata-embed-pause {point}:{count}":
-                seen = True
-                break
-            assert time.time() < deadline, "".join(lines)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-        proc.stderr.close()
-    assert seen, "".join(lines)
-    assert proc.returncode == -signal.SIGKILL
-    return lines
+    return kill_at_line([sys.executable, "-m", "mmdata", "embed", out, "--model", "mmdata-tiny", "--pretrained",
+                         "random", "--model-seed", "1", "--workers", "1"], env, f"mmdata-embed-pause {point}:{count}")
 
 
 def test_killed_while_staging_keeps_the_old_generation_and_resumes(base, reference, tmp_path):
