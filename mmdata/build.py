@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import Counter
+from functools import partial
 
 from tqdm import tqdm
 
@@ -11,8 +12,8 @@ from mmdata.config import BuildConfig
 from mmdata.embed_switch import STAGING, finish_switch
 from mmdata.encoders.factory import check_models
 from mmdata.encoders.setup_facts import setup_facts, worker_setup_facts
-from mmdata.errors import UserError
 from mmdata.engines.base import get_engine
+from mmdata.errors import UserError
 from mmdata.index.step import check_index_options
 from mmdata.layout import clear_output
 from mmdata.pipeline.finalize import finalize
@@ -61,9 +62,12 @@ def build(config: BuildConfig) -> dict:
     out.remove(STAGING)  # one killed before its switch: its staged units may not match what this build writes
     engine = get_engine(config)
     try:
-        if hasattr(engine, "start"):  # the local engine's workers start (imports, codecs, models) while we plan
-            engine.start(config)
-        units, resumed = make_or_load_plan(config, out)
+        plan = partial(make_or_load_plan, config, out)
+        planned = None
+        if hasattr(engine, "start"):  # the local engine's workers start (imports, codecs, models) and plan
+            # (fsspec's memory:// is per process: its plan is made here, where the driver reads it)
+            planned = engine.start(config, first=None if "memory" in out.fs.protocol else plan)
+        units, resumed = planned.result() if planned is not None else plan()
         if config.retry_failed:  # units with transient download failures are uncommitted, then built again
             uncommit_transient(config, out, units, resumed)
         committed: dict[str, dict] = {}

@@ -106,8 +106,9 @@ def sanitize_keys(raws):
     import pyarrow.compute as pc
 
     keys = pc.utf8_trim(_replace_unsafe_runs(raws), characters="_")
-    keys = pc.if_else(pc.equal(keys, ""), pa.scalar("k"), keys)
-    long = pc.greater(pc.binary_length(keys), MAX_KEY_LEN)
+    # typed scalars: inferring a Python value's type makes pyarrow import pandas (see skip_pandas_probe)
+    keys = pc.if_else(pc.equal(keys, pa.scalar("", pa.string())), pa.scalar("k", pa.string()), keys)
+    long = pc.greater(pc.binary_length(keys), pa.scalar(MAX_KEY_LEN, pa.int32()))
     if pc.any(long).as_py():
         fixed = [sanitize_key(r) for r in raws.filter(long).to_pylist()]
         keys = pc.replace_with_mask(keys, long, pa.array(fixed, pa.string()))
@@ -121,6 +122,8 @@ def unique_keys_arrow(raws):
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    from mmdata.arrow import numpy_values
+
     raws = raws.combine_chunks() if isinstance(raws, pa.ChunkedArray) else raws
     keys = sanitize_keys(raws)
     n = len(raws)
@@ -129,9 +132,9 @@ def unique_keys_arrow(raws):
     order = pc.sort_indices(pa.table({"k": keys, "r": raws}), sort_keys=[("k", "ascending"), ("r", "ascending")])
     sk, sr = keys.take(order), raws.take(order)
     same_key = np.zeros(n, dtype=bool)
-    same_key[1:] = pc.equal(sk.slice(1), sk.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+    same_key[1:] = numpy_values(pc.equal(sk.slice(1), sk.slice(0, n - 1)))
     same_raw = np.zeros(n, dtype=bool)
-    same_raw[1:] = pc.equal(sr.slice(1), sr.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+    same_raw[1:] = numpy_values(pc.equal(sr.slice(1), sr.slice(0, n - 1)))
     # a row whose raw differs from the previous row's, under the same key, starts a colliding raw name;
     # every later row of the key group with a raw name of its own collides too
     starts = same_key & ~same_raw
@@ -139,7 +142,7 @@ def unique_keys_arrow(raws):
         return keys
     changed = np.maximum.accumulate(np.where(starts, np.arange(n), -1))  # the last raw change so far
     group_start = np.maximum.accumulate(np.where(~same_key, np.arange(n), 0))
-    rows = np.sort(order.to_numpy()[changed >= group_start])  # rows after the first raw name of their key
+    rows = np.sort(numpy_values(order)[changed >= group_start])  # rows after the first raw name of their key
     colliding = raws.take(pa.array(rows)).to_pylist()
     suffixed = {raw: f"{sanitize_key(raw)[: MAX_KEY_LEN - 9].rstrip('_')}_{_digest(raw, 8)}" for raw in set(colliding)}
     new = pa.array(list(suffixed.values()), pa.string())

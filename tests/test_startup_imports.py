@@ -147,3 +147,62 @@ def test_started_workers_build_units_or_are_let_go(tmp_path):
         if n_per_unit == 2:
             for name in ("00000.tar", "00001.tar", "00002.tar"):
                 assert (tmp_path / "out2" / "shards" / name).read_bytes() == (tmp_path / "ref" / "shards" / name).read_bytes()
+
+
+DRIVER = """
+import json, sys
+from mmdata.build import build
+from mmdata.config import load_config
+m = build(load_config(input=sys.argv[1], out=sys.argv[2], workers=2, samples_per_shard=2, progress=False))
+print(json.dumps({"counts": m["counts"], "report": m["config"]["report"], "pandas": "pandas" in sys.modules,
+                  "matplotlib": "matplotlib" in sys.modules}))
+"""
+
+
+def test_the_build_driver_never_imports_pandas(tmp_path):
+    """Planning runs on a started worker, and the driver reads shard tables, filters them and turns them
+    into numpy without pyarrow's pandas code: pandas costs a driver ~1 s of CPU it never needs."""
+    corpus = _corpus(tmp_path / "in", n=5)
+    (corpus / "broken.jpg").write_bytes(b"\xff\xd8\xff not a whole jpeg")
+    (corpus / "broken.txt").write_text("a caption whose image does not decode")
+    res = subprocess.run([sys.executable, "-c", DRIVER, str(corpus), str(tmp_path / "out")], check=False,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    facts = json.loads(res.stdout.strip().splitlines()[-1])
+    assert facts["counts"]["written"] == 5 and facts["counts"]["failed"] == 1 and facts["report"]
+    assert (tmp_path / "out" / "report.html").stat().st_size > 0
+    assert not facts["pandas"]
+
+
+def test_planning_in_a_worker_imports_no_pandas(tmp_path):
+    """The plan a started local worker makes (``LocalEngine.start(first=...)``) imports no pandas there,
+    and is the plan the driver would make."""
+    from functools import partial
+
+    from mmdata.config import load_config
+    from mmdata.engines.local import LocalEngine
+    from mmdata.pipeline.plan import make_or_load_plan
+    from mmdata.storage import OutputDir
+
+    corpus = _corpus(tmp_path / "in", n=5)
+    (corpus / "p0_1.jpg").write_bytes((corpus / "p0.jpg").read_bytes())  # names that need key work
+    (corpus / "x  y__.jpg").write_bytes((corpus / "p1.jpg").read_bytes())
+    plans = []
+    for name in ("worker", "here"):
+        config = load_config(input=str(corpus), out=str(tmp_path / name), workers=2, samples_per_shard=2,
+                             progress=False)
+        out = OutputDir(config.out)
+        out.ensure_writable()
+        if name == "here":
+            plans.append(make_or_load_plan(config, out)[0])
+            continue
+        engine = LocalEngine(config)
+        pool = engine._new_pool(1)  # the engine's own pool (its initializer), one worker: both calls land there
+        try:
+            plans.append(pool.submit(partial(make_or_load_plan, config, out)).result(timeout=300)[0])
+            loaded = set(pool.submit(eval, "sorted(__import__('sys').modules)").result(timeout=300))
+        finally:
+            pool.shutdown()
+        assert "mmdata.pipeline.plan" in loaded and "pandas" not in loaded
+    assert [(u.name, u.n_records, u.digest) for u in plans[0]] == [(u.name, u.n_records, u.digest) for u in plans[1]]
+    assert (tmp_path / "worker" / "plan.parquet").read_bytes() == (tmp_path / "here" / "plan.parquet").read_bytes()

@@ -2,11 +2,9 @@
 flat index of the evaluation build's vectors (built once per worker process)."""
 from __future__ import annotations
 
-import io
-
 import numpy as np
-import pyarrow.parquet as pq
 
+from mmdata.arrow import parquet_table
 from mmdata.curate.parts import (
     ShardTask,
     present_rows,
@@ -39,7 +37,7 @@ def _eval_index(url: str, modality: str):
         ev = InputBuild(url)
         index, keys = None, []
         for shard in ev.shards:
-            t = pq.read_table(io.BytesIO(ev.out.read_bytes(f"shards/{shard}.parquet")), columns=["key", "status", "row"],
+            t = parquet_table(ev.out.read_bytes(f"shards/{shard}.parquet"), columns=["key", "status", "row"],
                               use_threads=False).to_pydict()
             mine = [(k, r) for k, s, r in zip(t["key"], t["status"], t["row"]) if s == "written"]
             if not mine:

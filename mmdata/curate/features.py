@@ -14,8 +14,8 @@ from typing import Optional
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from mmdata.arrow import parquet_table
 from mmdata.curate import audio as audio_measures
 from mmdata.curate import text as text_measures
 from mmdata.curate.markers import mark_done
@@ -86,7 +86,7 @@ def phash64(data: bytes) -> int:
 def run_feature_task(task: FeatureTask) -> dict:
     """Write the shard's features parquet (idempotent: same shard → same bytes); return its row count."""
     build, out = OutputDir(task.build), OutputDir(task.out)
-    table = pq.read_table(io.BytesIO(build.read_bytes(f"shards/{task.name}.parquet")),
+    table = parquet_table(build.read_bytes(f"shards/{task.name}.parquet"),
                           columns=["key", "status", "caption", "image_format", "audio_sha256", "image_sha256", "parent_key"],
                           use_threads=False).to_pylist()
     written = [r for r in table if r["status"] == "written"]
@@ -147,7 +147,7 @@ def _write_exact(out: OutputDir, task: FeatureTask, table: list[dict], rows: lis
 
 
 def load_features(out: OutputDir, folder: str, name: str) -> pa.Table:
-    return pq.read_table(io.BytesIO(out.read_bytes(f"{folder}/features/{name}.parquet")), use_threads=False)
+    return parquet_table(out.read_bytes(f"{folder}/features/{name}.parquet"), use_threads=False)
 
 
 def phash_bytes(values: np.ndarray) -> np.ndarray:

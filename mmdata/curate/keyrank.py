@@ -4,11 +4,9 @@ ranks from one merge task each (see ``mmdata.curate.parts`` for why), elsewhere 
 global position."""
 from __future__ import annotations
 
-import io
-
 import numpy as np
-import pyarrow.parquet as pq
 
+from mmdata.arrow import parquet_table
 from mmdata.curate.parts import ShardTask, build_table
 from mmdata.curate.vectors import open_scratch, save_npy
 from mmdata.storage import OutputDir
@@ -64,7 +62,7 @@ def _rank(task: ShardTask, out: OutputDir) -> dict:
     build = OutputDir(task.build)
     keys, sizes = [], []
     for shard in task.args["shards"]:
-        k = pq.read_table(io.BytesIO(build.read_bytes(f"shards/{shard}.parquet")), columns=["key"],
+        k = parquet_table(build.read_bytes(f"shards/{shard}.parquet"), columns=["key"],
                           use_threads=False).column("key").to_pylist()
         keys += k
         sizes.append(len(k))

@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mmdata.arrow import parquet_table
 from mmdata.curate.vectors import open_rows, save_npy
 from mmdata.storage import OutputDir
 
@@ -40,7 +41,7 @@ def _part_schema() -> pa.Schema:
 
 
 def read_part(out: OutputDir, folder: str, shard: str) -> dict:
-    t = pq.read_table(io.BytesIO(out.read_bytes(f"{folder}/parts/{shard}.parquet")), use_threads=False)
+    t = parquet_table(out.read_bytes(f"{folder}/parts/{shard}.parquet"), use_threads=False)
     part = {name: t.column(name).to_pylist() for name in t.column_names}
     for name in ("rank", "row", "pixels", "kept_for"):
         part[name] = np.asarray(part[name], dtype=np.int64)
@@ -97,7 +98,7 @@ class ShardTask:
 
 def build_table(task: ShardTask, columns: list[str]) -> pa.Table:
     build = OutputDir(task.build)
-    t = pq.read_table(io.BytesIO(build.read_bytes(f"shards/{task.shard}.parquet")), use_threads=False)
+    t = parquet_table(build.read_bytes(f"shards/{task.shard}.parquet"), use_threads=False)
     return t.select([c for c in columns if c in t.column_names])
 
 

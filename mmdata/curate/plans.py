@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mmdata.arrow import parquet_table
 from mmdata.curate.parts import ShardTask, read_part, shard_names, shard_of
 from mmdata.curate.vectors import load_npy, open_scratch
 from mmdata.storage import OutputDir
@@ -98,7 +99,7 @@ def _assemble(task: ShardTask, out: OutputDir) -> dict:
     """The plan of curated shard ``task.shard``: its pieces (``args.runs``) in key order."""
     from mmdata.curate.write import PLAN_SCHEMA
 
-    tables = [pq.read_table(io.BytesIO(out.read_bytes(f"{task.folder}/pieces/{task.shard}_{r:05d}.parquet")),
+    tables = [parquet_table(out.read_bytes(f"{task.folder}/pieces/{task.shard}_{r:05d}.parquet"),
                             use_threads=False) for r in task.args["runs"]]
     table = pa.concat_tables(tables) if tables else PLAN_SCHEMA.empty_table()
     buf = io.BytesIO()

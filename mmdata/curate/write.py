@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from mmdata.arrow import parquet_table
 from mmdata.curate.decide import SCORE_COLUMNS
 from mmdata.curate.markers import mark_done
 from mmdata.curate.members import member_index, stream_samples
@@ -76,9 +76,9 @@ def run_write_task(task: WriteTask) -> dict:
     the input rows the shard spans (with many duplicates, a shard of 1,000 kept samples spans
     tens of thousands)."""
     build, out = OutputDir(task.build), OutputDir(task.out)
-    plan = pq.read_table(io.BytesIO(out.read_bytes(f"{task.folder}/units/{task.name}.parquet")), use_threads=False)
+    plan = parquet_table(out.read_bytes(f"{task.folder}/units/{task.name}.parquet"), use_threads=False)
     status = plan.column("status").combine_chunks()
-    written = np.asarray(pc.equal(status, "written").to_numpy(zero_copy_only=False), dtype=bool)
+    written = np.asarray(pc.equal(status, pa.scalar("written", pa.string())).to_numpy(zero_copy_only=False), dtype=bool)
     table, source, in_row = _table(build, plan, written)
     keys = table.column("key").filter(pa.array(written)).to_pylist()  # the kept samples, in order
     sources = [source[i] for i in np.flatnonzero(written).tolist()]
@@ -111,7 +111,7 @@ def run_write_task(task: WriteTask) -> dict:
         reason = plan.column("reason").filter(pc.equal(status, st))
         for item in pc.value_counts(reason).to_pylist():
             counts[summary_reason(item["values"])] += item["counts"]
-    n_status = {st: int(pc.sum(pc.equal(status, st)).as_py() or 0) for st in ("written", "filtered", "failed")}
+    n_status = {st: int(pc.sum(pc.equal(status, pa.scalar(st, pa.string()))).as_py() or 0) for st in ("written", "filtered", "failed")}
     stats = {"unit": int(task.name), "shard": f"{task.name}.tar", "config_hash": task.config_hash,
              "counts": {"records": plan.num_rows, "inputs": plan.num_rows, **n_status},
              "reasons": {k: dict(sorted(v.items())) for k, v in reasons.items()}, "tar_bytes": tar_bytes,
@@ -131,7 +131,7 @@ def _table(build: OutputDir, plan: pa.Table, written: np.ndarray) -> tuple[pa.Ta
     pieces, where = [], []
     for i in sorted(range(len(shard_names)), key=shard_names.__getitem__):
         mine = np.flatnonzero(shard_of == i)
-        data = pq.read_table(io.BytesIO(build.read_bytes(f"shards/{shard_names[i]}.parquet")), use_threads=False)
+        data = parquet_table(build.read_bytes(f"shards/{shard_names[i]}.parquet"), use_threads=False)
         data = data.take(pa.array(in_pos[mine]))
         pieces.append(pa.table([data.column(f.name).cast(f.type) if f.name in data.column_names else pa.nulls(len(mine), f.type)
                                 for f in SHARD_SCHEMA], schema=SHARD_SCHEMA))

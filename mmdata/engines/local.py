@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import multiprocessing
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from typing import Any, Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from typing import Any, Callable, Optional, Sequence
 
 from mmdata.config import BuildConfig
 from mmdata.pipeline.unit import get_context, run_unit, uses_torch_encoder
@@ -27,14 +27,21 @@ class LocalEngine:
         self.keep = False
         self.started = False  # a pool started by ``start``, that no unit has used yet
 
-    def start(self, config: BuildConfig) -> None:
-        """Start the worker processes now, before the plan is made: each imports mmdata and builds its
-        UnitContext (codecs, models) while the driver plans. A plan of one unit is still built here,
-        in this process, and the started workers are stopped without waiting for them."""
+    def start(self, config: BuildConfig, first: Optional[Callable[[], Any]] = None) -> Optional[Future]:
+        """Start the worker processes now, before the units are known: each imports mmdata and builds
+        its UnitContext (codecs, models) meanwhile. ``first`` (a picklable call: the plan) runs on the
+        first worker before anything else, and its future is returned (None without a pool: ``first``
+        is then the caller's to run). In a worker, planning never imports pandas, which pyarrow would
+        import in the driver to probe the lists planning hands it (~1 s of CPU). A plan of one unit is
+        still built in this process, and the started workers are stopped without waiting for them."""
+        future = None
         if self.workers > 1 and self.pool is None:
             self.pool, self.started = self._new_pool(self.workers), True
+            if first is not None:
+                future = self.pool.submit(first)
             for _ in range(self.workers):  # each submit spawns a process while none is idle
                 self.pool.submit(warm_worker, config)
+        return future
 
     def map_units(self, config: BuildConfig, units: list[UnitRef], on_done: Callable[[dict], None]) -> list[dict]:
         if self.workers == 1 or len(units) <= 1:

@@ -6,7 +6,6 @@ asks for, so the Python heap does not grow with the corpus.
 """
 from __future__ import annotations
 
-import io
 import os
 from typing import Optional
 
@@ -15,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from mmdata.arrow import parquet_table, string_scalar
 from mmdata.layout import IDS_FILE, embedding_file, shard_files
 from mmdata.records import Unit
 from mmdata.storage import OutputDir
@@ -33,8 +33,8 @@ ROW_GROUP_ROWS = 1 << 17  # rows per row group of ids.parquet: what its writer h
 
 def _written(out: OutputDir, name: str, columns: list[str]) -> pa.Table:
     """``columns`` of unit ``name``'s written samples, in row order."""
-    table = pq.read_table(io.BytesIO(out.read_bytes(shard_files(name)["parquet"])), columns=[*columns, "status"])
-    return table.filter(pc.equal(table.column("status"), "written")).select(columns)
+    table = parquet_table(out.read_bytes(shard_files(name)["parquet"]), columns=[*columns, "status"])
+    return table.filter(pc.equal(table.column("status"), string_scalar("written"))).select(columns)
 
 
 def written_table(out: OutputDir, name: str) -> pa.Table:
@@ -111,7 +111,7 @@ class IdTable:
 
     def __init__(self, out: OutputDir, captions: bool = False):
         columns = ["id", "key", "shard", "row"] + (["caption"] if captions else [])
-        table = pq.read_table(io.BytesIO(out.read_bytes(IDS_FILE)), columns=columns)
+        table = parquet_table(out.read_bytes(IDS_FILE), columns=columns)
         order = np.argsort(np.asarray(table.column("id").to_numpy(), dtype=np.int64), kind="stable")
         table = table.take(pa.array(order))
         del order

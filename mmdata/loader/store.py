@@ -11,8 +11,8 @@ from collections import OrderedDict
 from typing import Optional
 
 import numpy as np
-import pyarrow.parquet as pq
 
+from mmdata.arrow import parquet_table
 from mmdata.errors import UserError
 from mmdata.storage import OutputDir
 
@@ -29,7 +29,7 @@ def embedded_modalities(out: OutputDir) -> list[str]:
 
 def shard_rows(out: OutputDir, shard: str) -> dict[str, tuple[int, int]]:
     """key → (row, id) of the shard's written samples, from ``shards/<shard>.parquet``."""
-    table = pq.read_table(io.BytesIO(out.read_bytes(f"shards/{shard}.parquet")), columns=["key", "id", "status", "row"])
+    table = parquet_table(out.read_bytes(f"shards/{shard}.parquet"), columns=["key", "id", "status", "row"])
     return {r["key"]: (r["row"], r["id"]) for r in table.to_pylist() if r["status"] == "written"}
 
 

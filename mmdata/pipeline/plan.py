@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pyarrow import ipc
 
+from mmdata.arrow import numpy_values
 from mmdata.config import RUNTIME_FIELDS, BuildConfig
 from mmdata.errors import UserError
 from mmdata.keys import keys_to_ids, sanitize_keys
@@ -115,7 +116,7 @@ def planned_units(config: BuildConfig, tmp: str):
         if n <= per_bucket:
             buckets = iter([reader.read_all().take(order)])
         else:
-            buckets = _bucketed(reader, order.to_numpy(), n, per_bucket, tmp)
+            buckets = _bucketed(reader, numpy_values(order), n, per_bucket, tmp)
         del order
         start = 0
         for payload in buckets:  # whole units: a bucket holds a multiple of samples_per_shard rows
@@ -172,10 +173,10 @@ def table_digest(table: pa.Table) -> str:
         col = table.column(name).combine_chunks()
         h.update(name.encode() + b"\0")
         if name == "id":
-            h.update(np.ascontiguousarray(col.to_numpy(), dtype="<i8").tobytes())
+            h.update(np.ascontiguousarray(numpy_values(col), dtype="<i8").tobytes())
             continue
         if name == "reserved":
-            h.update(pc.fill_null(pc.list_value_length(col), -1).to_numpy().astype("<i8").tobytes())
+            h.update(numpy_values(pc.fill_null(pc.list_value_length(col), pa.scalar(-1, pa.int32()))).astype("<i8").tobytes())
             col = col.flatten()
         _hash_strings(h, col)
     return h.hexdigest()[:32]
@@ -183,7 +184,7 @@ def table_digest(table: pa.Table) -> str:
 
 def _hash_strings(h, col: pa.Array) -> None:
     """Lengths (-1 for null) then bytes of a string array, whatever its offset in its buffers."""
-    h.update(pc.fill_null(pc.binary_length(col), -1).to_numpy().astype("<i8").tobytes())
+    h.update(numpy_values(pc.fill_null(pc.binary_length(col), pa.scalar(-1, pa.int32()))).astype("<i8").tobytes())
     if len(col):
         offsets = np.frombuffer(col.buffers()[1], dtype=np.int32)[col.offset: col.offset + len(col) + 1]
         data = col.buffers()[2]
@@ -247,7 +248,7 @@ def load_plan(out: OutputDir) -> tuple[list[UnitRef], str]:
             digests = json.loads(meta[UNIT_DIGESTS.encode()])
             return [UnitRef(i, pf.metadata.row_group(i).num_rows, d) for i, d in enumerate(digests)], config_hash
         table = pf.read()  # a plan written before units had row groups of their own
-    units = table.column("unit").to_numpy()
+    units = numpy_values(table.column("unit"))
     return [UnitRef(int(i), int((units == i).sum()), table_digest(table.filter(pc.equal(table.column("unit"), i))))
             for i in np.unique(units)], config_hash
 

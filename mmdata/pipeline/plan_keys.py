@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pyarrow import ipc
 
+from mmdata.arrow import numpy_values
 from mmdata.keys import unique_keys_arrow
 from mmdata.records import Record
 
@@ -61,7 +62,7 @@ def reserved_column(keys: pa.Array) -> pa.Array:
     found = pc.is_valid(where)
     if not pc.any(found).as_py():
         return none
-    rows = (n - 1) - where.filter(found).to_numpy().astype(np.int64)
+    rows = (n - 1) - numpy_values(where.filter(found)).astype(np.int64)
     children = np.array([k for (_, k), f in zip(pairs, found.to_pylist()) if f], dtype=object)
     order = np.argsort(rows, kind="stable")  # per row, children in key order (cand is sorted)
     rows, children = rows[order], children[order]
@@ -102,12 +103,12 @@ def _dedupe_arrow(raws: pa.Array) -> pa.Array:
     order = pc.sort_indices(raws)  # stable: repeats keep their manifest order
     s = raws.take(order)
     same = np.zeros(n, dtype=bool)
-    same[1:] = pc.equal(s.slice(1), s.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+    same[1:] = numpy_values(pc.equal(s.slice(1), s.slice(0, n - 1)))
     if not same.any():
         return raws
     starts = np.maximum.accumulate(np.where(~same, np.arange(n), 0))
     occurrence = np.empty(n, dtype=np.int64)
-    occurrence[order.to_numpy()] = np.arange(n) - starts
+    occurrence[numpy_values(order)] = np.arange(n) - starts
     repeat = occurrence > 0
     suffix = pa.array(occurrence, mask=~repeat).cast(pa.string())
-    return pc.if_else(pa.array(repeat), pc.binary_join_element_wise(raws, suffix, "#"), raws)
+    return pc.if_else(pa.array(repeat), pc.binary_join_element_wise(raws, suffix, pa.scalar("#", pa.string())), raws)

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pyarrow import ipc
 
+from mmdata.arrow import numpy_values
 from mmdata.keys import keys_to_ids, sanitize_keys, unique_keys_arrow
 from mmdata.pipeline.plan_keys import _DERIVED, _dedupe_arrow, _parents, reserved_column
 from mmdata.schema import PLAN_SCHEMA
@@ -76,7 +77,7 @@ def _max_open_files() -> int:
 
 def _routing_keys(keys: pa.Array) -> pa.Array:
     """The routing key of each sanitised name: the name, or its first ROUTE_PREFIX characters when longer."""
-    long = pc.greater(pc.binary_length(keys), ROUTE_PREFIX)
+    long = pc.greater(pc.binary_length(keys), pa.scalar(ROUTE_PREFIX, pa.int32()))  # typed: no pandas import
     if not pc.any(long).as_py():
         return keys
     cut = pc.utf8_rtrim(pc.utf8_slice_codeunits(keys, 0, ROUTE_PREFIX), characters="_")
@@ -88,7 +89,7 @@ def _range_of(values: pa.Array, splitters: pa.Array) -> np.ndarray:
     m = len(splitters)
     if not m:
         return np.zeros(len(values), dtype=np.int32)
-    order = pc.sort_indices(pa.concat_arrays([splitters, values])).to_numpy()  # stable: a splitter before its equal
+    order = numpy_values(pc.sort_indices(pa.concat_arrays([splitters, values])))  # stable: a splitter before its equal
     is_split = order < m
     ranks = np.cumsum(is_split).astype(np.int32)
     out = np.empty(len(values), dtype=np.int32)
@@ -119,9 +120,9 @@ def _route(payload_path: str, raw_path: str, splitters: pa.Array, is_manifest: b
                 keys = sanitize_keys(raw)
                 fixed = np.zeros(len(raw), dtype=bool)
                 if is_manifest:
-                    empty = pc.and_(pc.equal(keys, "k"), pc.invert(pc.match_substring(raw, "k")))
+                    empty = pc.and_(pc.equal(keys, pa.scalar("k", pa.string())), pc.invert(pc.match_substring(raw, "k")))
                     if pc.any(empty).as_py():
-                        fixed = empty.to_numpy(zero_copy_only=False)
+                        fixed = numpy_values(empty)
                         named = []
                         for name in raw.filter(empty).to_pylist():
                             seen = repeats.get(name, 0)

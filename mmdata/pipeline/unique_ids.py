@@ -5,21 +5,19 @@ and compared with their neighbours: 8 bytes per written sample, whatever the cor
 """
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from mmdata.arrow import int64_values, parquet_table, string_scalar
 from mmdata.storage import OutputDir
 
 
 def written_ids(out: OutputDir, shard: str) -> np.ndarray:
     """The ids of the written rows of ``shards/<shard>.parquet`` (``shard`` without extension)."""
-    table = pq.read_table(io.BytesIO(out.read_bytes(f"shards/{shard}.parquet")), columns=["id", "status"],
+    table = parquet_table(out.read_bytes(f"shards/{shard}.parquet"), columns=["id", "status"],
                           use_threads=False)
-    written = table.filter(pc.equal(table.column("status"), "written"))
-    return written.column("id").to_numpy(zero_copy_only=False).astype(np.int64)
+    written = table.filter(pc.equal(table.column("status"), string_scalar("written")))
+    return int64_values(written.column("id"))
 
 
 def duplicate_ids(out: OutputDir, shards: list[str], limit: int = 5) -> list[str]:
@@ -51,7 +49,7 @@ def duplicate_ids(out: OutputDir, shards: list[str], limit: int = 5) -> list[str
 def _keys_of(out: OutputDir, shards: list[str], value: int) -> set[str]:
     keys: set[str] = set()
     for shard in shards:
-        table = pq.read_table(io.BytesIO(out.read_bytes(f"shards/{shard}.parquet")), columns=["id", "key", "status"],
+        table = parquet_table(out.read_bytes(f"shards/{shard}.parquet"), columns=["id", "key", "status"],
                               use_threads=False)
         for row in table.to_pylist():
             if row["id"] == value and row["status"] == "written":

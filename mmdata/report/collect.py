@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute  # pa.compute below: a fresh `mmdata report` process had not imported it
 import pyarrow.parquet as pq
 
+from mmdata.arrow import column_values, string_scalar
 from mmdata.report.media import (
     AUDIO_TYPES,
     IMAGE_EXTS,
@@ -298,14 +299,13 @@ def plot_columns(tables: dict[str, pa.Table]) -> dict[str, np.ndarray]:
     if not tables:
         return {}
     table = pa.concat_tables([t for _, t in sorted(tables.items())], promote_options="default")
-    written = table.filter(pa.compute.equal(table.column("status"), "written"))
+    written = table.filter(pa.compute.equal(table.column("status"), string_scalar("written")))
     cols = {}
     for name in written.column_names:
         col = written.column(name)
         if pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_string(col.type) \
                 or pa.types.is_boolean(col.type):
-            values = col.to_numpy(zero_copy_only=False)
-            cols[name] = values[:PLOT_ROWS]
+            cols[name] = column_values(col.slice(0, PLOT_ROWS))
     cols["caption_chars"] = np.asarray([len(c) if c is not None else np.nan for c in cols.get("caption", [])],
                                        dtype=np.float64)
     return cols

@@ -20,6 +20,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from mmdata.arrow import numpy_values, parquet_table
 from mmdata.errors import UserError
 from mmdata.sources.manifest_stream import (
     BATCH_ROWS,
@@ -41,7 +42,7 @@ def _read_table(url: str, fmt: str) -> pa.Table:
         data = fh.read()
     try:
         if fmt == "parquet":
-            return pq.read_table(io.BytesIO(data))
+            return parquet_table(data)
         if fmt in ("csv", "tsv"):
             return pacsv.read_csv(
                 io.BytesIO(data),
@@ -151,7 +152,7 @@ def _after_first(arr: pa.Array, sep: str) -> pa.Array:
     import pyarrow.compute as pc
 
     parts = pc.split_pattern(arr, sep, max_splits=1)
-    offsets = parts.offsets.to_numpy()
+    offsets = numpy_values(parts.offsets)
     last = np.maximum(offsets[1:] - 1, offsets[:-1])
     flat = parts.values
     return pc.if_else(arr.is_valid(), flat.take(pa.array(np.minimum(last, max(len(flat) - 1, 0)))) if len(flat) else arr,

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mmdata.arrow import parquet_table
 from mmdata.embed_switch import finish_switch
 from mmdata.errors import UserError
 from mmdata.layout import offsets_file
@@ -27,7 +28,7 @@ def _read_table(out: OutputDir, rel: str, problems: list[str]):
     # use_threads=False: a small table gains nothing from Arrow's pool, whose teardown at exit can
     # abort the process now and then (apache/arrow#34314), turning exit 1 into a SIGABRT
     try:
-        return pq.read_table(io.BytesIO(out.read_bytes(rel)), use_threads=False)
+        return parquet_table(out.read_bytes(rel), use_threads=False)
     except FileNotFoundError:
         problems.append(f"{rel}: missing")
     except (OSError, pa.ArrowException) as exc:
