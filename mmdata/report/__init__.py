@@ -8,7 +8,6 @@ nothing from the pipeline, the engines or the driver.
 from __future__ import annotations
 
 import json
-import threading
 
 from mmdata.errors import UserError
 from mmdata.report import plots as _plots
@@ -35,25 +34,13 @@ def make_report(out: OutputDir, manifest: dict | None = None) -> str:
     funnel, tables = col.funnel()
     grid = col.grid(tables)
     data = {"manifest": manifest, "funnel": funnel, "shards": col.shard_rows(), "grid": grid,
-            "neighbours": col.neighbours(grid), "plots": [], "maps": [], "maps_possible": True,
-            "plots_missing": "plots need matplotlib (pip install 'mmdata[see]')"}
-    if _plots.available():
-        data["plots"] = _plots.distribution_plots(plot_columns(tables), manifest.get("config") or {})
-        data["maps"] = _plots.embedding_maps(col.embedding_sample())
-    else:
-        data["maps_possible"] = False
+            "neighbours": col.neighbours(grid),
+            "plots": _plots.distribution_plots(plot_columns(tables), manifest.get("config") or {}),
+            "maps": _plots.embedding_maps(col.embedding_sample())}
     col.notes.append(f"plots, grid and embedding map from {len(tables)} of {len(col.shards)} shards; "
                      f"funnel counts from all shards")
     data["notes"] = col.notes
     return render(f"{out.url.rstrip('/').rsplit('/', 1)[-1]}: {manifest.get('counts', {}).get('written')} samples", data)
-
-
-def import_in_background() -> threading.Thread:
-    """Start importing what the report's plots need, in a thread; join it before making a report.
-    The build driver starts it once fewer units remain than workers: a core would idle meanwhile."""
-    thread = threading.Thread(target=_plots.prepare, name="mmdata-report-import", daemon=True)
-    thread.start()
-    return thread
 
 
 def write_report(out: OutputDir | str, manifest: dict | None = None) -> str:
