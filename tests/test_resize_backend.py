@@ -149,3 +149,22 @@ def test_opencv_build_is_byte_identical_across_engines(tmp_path):
                        resize_backend="pillow")
     assert shards(tmp_path / "pillow") != expected and pillow["config_hash"] != ref["config_hash"]
     assert json.load(open(tmp_path / "pillow" / "manifest.json"))["config"]["resize_backend"] == "pillow"
+
+
+@pytest.mark.parametrize("mode", ["keep_ratio", "center_crop", "border", "no"])
+def test_the_array_path_gives_the_pillow_routes_bytes(mode):
+    """simplejpeg + OpenCV + jpg keeps the pixels a numpy array from decode to encode; every orientation,
+    grey and colour, down and up, odd sizes: the same bytes, sizes and pixels as through Pillow images."""
+    pytest.importorskip("simplejpeg")
+    cases = [encoded("JPEG", size, colour, o) for o in range(1, 9) for colour in ("RGB", "L")
+             for size in ((900, 600), (301, 517))] + [encoded("JPEG", (120, 90)), encoded("JPEG", (255, 256), "L", 6)]
+    opts = ImageOptions(size=256, resize_mode=mode, jpeg_codec="simplejpeg", resize_backend="opencv")
+    fast, slow = ImageTransform(opts), ImageTransform(opts)
+    slow.array_path = False
+    assert fast.array_path
+    for data in cases:
+        a, b = fast(data), slow(data)
+        assert (a.data, a.width, a.height, a.orig_width, a.orig_height, a.reencoded) == \
+               (b.data, b.width, b.height, b.orig_width, b.orig_height, b.reencoded)
+        assert np.array_equal(np.asarray(a.pil()), np.asarray(b.pil()))
+    assert not ImageTransform(ImageOptions(jpeg_codec="simplejpeg", resize_backend="opencv", fmt="png")).array_path

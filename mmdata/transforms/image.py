@@ -34,6 +34,8 @@ else:
 PIL_FORMAT = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 _ORIENTATION = 0x0112
 _SWAPS_AXES = {5, 6, 7, 8}
+_FLIP = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1], 5: lambda a: a.transpose(1, 0, 2),
+         6: lambda a: np.rot90(a, -1), 7: lambda a: np.rot90(a, 2).transpose(1, 0, 2), 8: lambda a: np.rot90(a, 1)}  # = _TRANSPOSE
 _TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
               5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
               8: Image.Transpose.ROTATE_90}  # as ImageOps.exif_transpose
@@ -65,6 +67,13 @@ class ImageResult:
     source_format: str
     reencoded: bool
     image: Optional[Image.Image] = None  # the output image, decoded (for encoders: no second decode)
+    pixels: Optional[np.ndarray] = None  # or its RGB pixels (the array path), made a Pillow image on demand
+
+    def pil(self) -> Optional[Image.Image]:
+        """The output image as Pillow's (from ``pixels`` when the array path made it)."""
+        if self.image is None and self.pixels is not None:
+            self.image = Image.fromarray(self.pixels, "RGB")
+        return self.image
 
 
 def _orientation(im: Image.Image) -> int:
@@ -126,6 +135,9 @@ class ImageTransform:
         self.opts = opts
         self.simplejpeg = _simplejpeg() if opts.jpeg_codec == "simplejpeg" else None
         self.cv2 = _cv2() if opts.resize_backend == "opencv" else None
+        # libjpeg-turbo decode → OpenCV resize → libjpeg-turbo encode stay numpy arrays end to end: no
+        # Pillow image in between (each conversion copies the pixels); the same bytes as through Pillow
+        self.array_path = self.simplejpeg is not None and self.cv2 is not None and opts.fmt == "jpg"
 
     def __call__(self, data: bytes) -> ImageResult:
         # We enforce our own pixel limit on the header (max_pixels); Pillow's warning would only be
@@ -182,8 +194,10 @@ class ImageTransform:
                 return ImageResult(data, opts.fmt, width, height, width, height, source_format, False, im)
             if self.simplejpeg is not None and source_format == "JPEG" and im.mode in ("RGB", "L"):
                 least = (math.ceil(stored_w * scale), math.ceil(stored_h * scale)) if scale < 1.0 else (0, 0)
-                im = Image.fromarray(self.simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=least[0],
-                                                                 min_height=least[1]), "RGB")
+                pixels = self.simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=least[0], min_height=least[1])
+                if self.array_path:
+                    return self._finish_array(pixels, orientation, (new_w, new_h), out_size, width, height)
+                im = Image.fromarray(pixels, "RGB")
             elif source_format == "JPEG" and scale < 1.0:
                 im.draft(im.mode, (math.ceil(stored_w * scale), math.ceil(stored_h * scale)))
             im.load()
@@ -205,6 +219,29 @@ class ImageTransform:
             im = canvas
         return ImageResult(encode(im, opts), opts.fmt, width, height, im.width, im.height, source_format, True, im)
 
+
+    def _finish_array(self, pixels: np.ndarray, orientation: int, size: tuple[int, int], out_size: tuple[int, int],
+                      width: int, height: int) -> ImageResult:
+        """The rest of ``_transform`` on decoded RGB pixels: orient, resize (OpenCV), crop or pad, encode
+        (libjpeg-turbo), as the Pillow route does it, pixel for pixel."""
+        opts = self.opts
+        if orientation != 1:
+            pixels = _FLIP[orientation](pixels)
+        if pixels.shape[1::-1] != size:
+            grows = size[0] > pixels.shape[1] or size[1] > pixels.shape[0]
+            pixels = self.cv2.resize(np.ascontiguousarray(pixels), size,
+                                     interpolation=self.cv2.INTER_LANCZOS4 if grows else self.cv2.INTER_AREA)
+        if out_size != size and opts.resize_mode == "center_crop":
+            left, top = (size[0] - out_size[0]) // 2, (size[1] - out_size[1]) // 2
+            pixels = pixels[top: top + out_size[1], left: left + out_size[0]]
+        elif out_size != size:  # border: pad to the square, centred, black
+            canvas = np.zeros((out_size[1], out_size[0], 3), dtype=np.uint8)
+            left, top = (out_size[0] - size[0]) // 2, (out_size[1] - size[1]) // 2
+            canvas[top: top + size[1], left: left + size[0]] = pixels
+            pixels = canvas
+        pixels = np.ascontiguousarray(pixels)
+        data = self.simplejpeg.encode_jpeg(pixels, quality=opts.quality, colorspace="RGB", colorsubsampling="420")
+        return ImageResult(data, opts.fmt, width, height, pixels.shape[1], pixels.shape[0], "JPEG", True, pixels=pixels)
 
     def _resize(self, im: Image.Image, size: tuple[int, int]) -> Image.Image:
         """Pillow's Lanczos (after an integer ``reduce`` when the image is 3× the target or more), or

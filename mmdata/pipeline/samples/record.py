@@ -159,7 +159,7 @@ class RecordProcessor:
         )
         sample.members[result.ext] = result.data
         if self.keep_images:
-            sample.image = result.image
+            sample.image = result.pil()
 
     def _read(self, sample: Sample, url: str, modality: str, max_bytes: Optional[int] = None) -> bytes:
         """A source's bytes: its download when the unit fetched it (or the reason it has none), else read."""
