@@ -50,7 +50,8 @@ def _corpus(root, n=4):
     return root
 
 
-def test_a_local_worker_imports_only_what_the_config_needs(tmp_path):
+def test_a_local_worker_imports_only_what_the_config_needs(tmp_path, monkeypatch):
+    monkeypatch.setenv("MMDATA_START_METHOD", "spawn")  # a fresh worker (a forked one has this process's imports)
     from mmdata.build import build
     from mmdata.config import load_config
     from mmdata.engines.local import LocalEngine
@@ -173,9 +174,10 @@ def test_the_build_driver_never_imports_pandas(tmp_path):
     assert not facts["pandas"]
 
 
-def test_planning_in_a_worker_imports_no_pandas(tmp_path):
+def test_planning_in_a_worker_imports_no_pandas(tmp_path, monkeypatch):
     """The plan a started local worker makes (``LocalEngine.start(first=...)``) imports no pandas there,
     and is the plan the driver would make."""
+    monkeypatch.setenv("MMDATA_START_METHOD", "spawn")  # a fresh worker (a forked one has this process's imports)
     from functools import partial
 
     from mmdata.config import load_config
@@ -205,3 +207,57 @@ def test_planning_in_a_worker_imports_no_pandas(tmp_path):
         assert "mmdata.pipeline.plan" in loaded and "pandas" not in loaded
     assert [(u.name, u.n_records, u.digest) for u in plans[0]] == [(u.name, u.n_records, u.digest) for u in plans[1]]
     assert (tmp_path / "worker" / "plan.parquet").read_bytes() == (tmp_path / "here" / "plan.parquet").read_bytes()
+
+
+def test_workers_are_forked_only_where_it_is_safe(monkeypatch):
+    import threading
+
+    from mmdata.engines.local import start_method
+
+    monkeypatch.delenv("MMDATA_START_METHOD", raising=False)
+    alone = threading.active_count() == 1 and "torch" not in sys.modules
+    assert start_method() == ("fork" if alone and sys.platform.startswith("linux") else "spawn")
+    release = threading.Event()
+    thread = threading.Thread(target=release.wait, args=(60,), daemon=True)
+    thread.start()
+    try:
+        assert start_method() == "spawn"  # another thread's locks would be copied mid-use
+    finally:
+        release.set()
+        thread.join(60)
+    monkeypatch.setitem(sys.modules, "torch", sys.modules.get("torch") or sys)  # CUDA cannot be forked
+    assert start_method() == "spawn"
+    monkeypatch.setenv("MMDATA_START_METHOD", "fork")
+    assert start_method() == "fork"
+
+
+FORKED = """
+import json, sys
+from mmdata.build import build
+from mmdata.config import load_config
+import mmdata.engines.local as local
+used, new_pool = [], local.LocalEngine._new_pool
+def recorded(self, n):
+    pool = new_pool(self, n)
+    used.append(pool._mp_context.get_start_method())
+    return pool
+local.LocalEngine._new_pool = recorded
+m = build(load_config(input=sys.argv[1], out=sys.argv[2], workers=2, samples_per_shard=2, progress=False))
+print(json.dumps({"method": used, "written": m["counts"]["written"]}))
+"""
+
+
+def test_forked_and_spawned_workers_write_the_same_bytes(tmp_path):
+    corpus = _corpus(tmp_path / "in", n=5)
+    methods = {}
+    for method in ("", "spawn"):
+        env = {**os.environ, "MMDATA_START_METHOD": method}
+        res = subprocess.run([sys.executable, "-c", FORKED, str(corpus), str(tmp_path / (method or "default"))],
+                             check=False, capture_output=True, text=True, timeout=300, env=env)
+        assert res.returncode == 0, res.stderr
+        facts = json.loads(res.stdout.strip().splitlines()[-1])
+        assert facts["written"] == 5
+        methods[method] = facts["method"]
+    assert methods == {"": ["fork" if sys.platform.startswith("linux") else "spawn"], "spawn": ["spawn"]}
+    for name in ("00000.tar", "00001.tar", "00002.tar", "00000.parquet", "00002.parquet"):
+        assert (tmp_path / "default" / "shards" / name).read_bytes() == (tmp_path / "spawn" / "shards" / name).read_bytes()
