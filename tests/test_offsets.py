@@ -80,3 +80,42 @@ def test_offsets_and_report_are_layout_files():
 
     assert is_layout_file("shards/00000_offsets.json") and is_layout_file("report.html")
     assert not is_layout_file("shards/00000_offsets.json.bak") and not is_layout_file("notes/report.html")
+
+
+def _tarfile_shard(samples):
+    """What write_tar wrote with tarfile itself (PAX format, fixed mtime, owner and mode), and its offsets."""
+    import tarfile
+
+    from mmdata.writers.tar import FIXED_MTIME
+
+    buf, offsets = io.BytesIO(), []
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for key, members in samples:
+            for ext in sorted(members):
+                data = members[ext]
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = \
+                    len(data), FIXED_MTIME, 0o644, 0, 0, "", ""
+                tar.addfile(info, io.BytesIO(data))
+                offsets.append((info.name, tar.offset - -(-len(data) // 512) * 512, len(data)))
+    return buf.getvalue(), offsets
+
+
+def test_shards_are_the_bytes_tarfile_writes():
+    """write_tar makes the plain members' headers itself: byte for byte what tarfile writes, for names
+    up to and past 100 characters, non-ASCII names (a pax record), empty members and block edges."""
+    import random
+
+    from mmdata.writers.tar import member_header
+
+    rng = random.Random(7)
+    for trial in range(60):
+        samples = [(f"k{i}" + ("é" if rng.random() < 0.15 else "") + "z" * rng.choice([0, 94, 95, 96, 130]),
+                    {ext: rng.randbytes(rng.choice([0, 1, 511, 512, 513, 4097]))
+                     for ext in rng.sample(["jpg", "txt", "json", "tokens.npy"], rng.randint(0, 4))})
+                   for i in range(rng.randint(0, 10))]
+        buf, offsets = io.BytesIO(), []
+        assert write_tar(buf, samples, offsets) == len(samples)
+        assert (buf.getvalue(), offsets) == _tarfile_shard(samples), trial
+    assert _tarfile_shard([("k", {"x": b"."})])[0][:512] == member_header("k.x", 1)
+    assert len(member_header("k.x", 8 ** 11)) == 1536  # a size past 8 GiB: tarfile's pax record
