@@ -168,3 +168,36 @@ def test_the_array_path_gives_the_pillow_routes_bytes(mode):
                (b.data, b.width, b.height, b.orig_width, b.orig_height, b.reencoded)
         assert np.array_equal(np.asarray(a.pil()), np.asarray(b.pil()))
     assert not ImageTransform(ImageOptions(jpeg_codec="simplejpeg", resize_backend="opencv", fmt="png")).array_path
+
+
+def test_bad_inputs_end_alike_on_the_array_path():
+    """Zero bytes, a truncated JPEG, garbage after the JPEG marker, a PNG under a .jpg name, a header
+    claiming 10^10 pixels: the array path and the Pillow route give the same result or the same reason."""
+    pytest.importorskip("simplejpeg")
+    from mmdata.errors import SampleFailed, SampleFiltered
+
+    good = encoded("JPEG", (900, 600), "RGB", 6)
+    huge = bytearray(good)
+    sof = huge.index(b"\xff\xc0")  # baseline frame header: height and width after length and precision
+    huge[sof + 5: sof + 9] = (50000).to_bytes(2, "big") * 2
+    cases = {"empty": b"", "truncated": good[: len(good) // 2], "garbage": good[:2] + b"\x00" * 500,
+             "png_named_jpg": encoded("PNG", (300, 200)), "huge_header": bytes(huge), "no_end": good[:-2]}
+    opts = ImageOptions(size=256, jpeg_codec="simplejpeg", resize_backend="opencv", max_pixels=100_000_000)
+    fast, slow = ImageTransform(opts), ImageTransform(opts)
+    slow.array_path = False
+
+    def outcome(transform, data):
+        try:
+            res = transform(data)
+        except (SampleFailed, SampleFiltered) as exc:
+            return type(exc).__name__, exc.reason
+        return "written", res.data
+
+    seen = {}
+    for name, data in cases.items():
+        seen[name] = outcome(fast, data)
+        assert seen[name] == outcome(slow, data), name
+    assert seen["empty"] == ("SampleFailed", "empty:image")
+    assert seen["garbage"][:2] == ("SampleFailed", "decode:image")
+    assert seen["huge_header"] == ("SampleFiltered", "max_pixels")
+    assert seen["png_named_jpg"][0] == "written"
